@@ -1,0 +1,3 @@
+from punchline.cli.main import run
+
+run()

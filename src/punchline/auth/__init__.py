@@ -1,0 +1,1 @@
+"""The login server: accounts, the certificate authority, node enrolment, the bootstrap list."""

@@ -1,0 +1,1 @@
+"""The `punchline` command: every role and user action is a subcommand."""

@@ -1,0 +1,1 @@
+"""The user's side: identity store, login-server client, and (later) the daemon."""

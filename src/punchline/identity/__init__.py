@@ -1,0 +1,1 @@
+"""Keys and certificates: who a user or node is, verifiable offline against the CA."""
