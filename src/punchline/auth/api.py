@@ -27,9 +27,7 @@ SIGNATURE_HEADER = "X-Punchline-Signature"
 
 def _error(status: int, code: str, message: str, retry_after: float = 0.0) -> web.Response:
     headers = {"Retry-After": str(int(retry_after) + 1)} if retry_after > 0 else None
-    return web.json_response(
-        {"error": code, "message": message}, status=status, headers=headers
-    )
+    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
 
 
 @web.middleware
@@ -71,11 +69,11 @@ async def _in_thread(call: Callable[[], Any]) -> Any:
 
 
 def build_app(service: AuthService) -> web.Application:
-    app = web.Application(
-        client_max_size=service.config.max_body_bytes, middlewares=[_errors]
-    )
+    app = web.Application(client_max_size=service.config.max_body_bytes, middlewares=[_errors])
 
-    def json_route(method: Callable[[dict[str, Any], str, float], dict[str, Any]], status: int = 200) -> Handler:
+    def json_route(
+        method: Callable[[dict[str, Any], str, float], dict[str, Any]], status: int = 200
+    ) -> Handler:
         async def handle(request: web.Request) -> web.Response:
             request_json = _decode(await _body(request))
             call = functools.partial(method, request_json, _source(request), time.time())
@@ -104,7 +102,9 @@ def build_app(service: AuthService) -> web.Application:
         )
 
     async def bootstrap(_request: web.Request) -> web.Response:
-        return web.json_response(await _in_thread(functools.partial(service.bootstrap, time.time())))
+        return web.json_response(
+            await _in_thread(functools.partial(service.bootstrap, time.time()))
+        )
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/ca", ca)

@@ -79,7 +79,9 @@ async def serve(config: AuthConfig, stop: asyncio.Event | None = None) -> None:
     tls.minimum_version = ssl.TLSVersion.TLSv1_2
     tls.load_cert_chain(cert_path, key_path)
 
-    service = AuthService(config, authority, storage.sessions, PasswordHasher(config.argon2), secret)
+    service = AuthService(
+        config, authority, storage.sessions, PasswordHasher(config.argon2), secret
+    )
     runner = web.AppRunner(build_app(service), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, config.listen_host, config.listen_port, ssl_context=tls)

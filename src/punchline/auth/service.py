@@ -52,7 +52,7 @@ class ServiceError(RemoteError):
 
 def _field(request: dict[str, Any], key: str, kind: type, max_len: int = 4096) -> Any:
     value = request.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ServiceError(400, "invalid_field", f"field {key!r} must be a {kind.__name__}")
     if isinstance(value, str | list) and len(value) > max_len:
         raise ServiceError(400, "invalid_field", f"field {key!r} is too long")
@@ -143,7 +143,11 @@ class AuthService:
             raise
         except SQLAlchemyError as exc:
             log.error("database unavailable", error=str(exc).splitlines()[0])
-            raise ServiceError(503, "database_unavailable", "the account database is unavailable; try again shortly") from exc
+            raise ServiceError(
+                503,
+                "database_unavailable",
+                "the account database is unavailable; try again shortly",
+            ) from exc
 
     def _throttled(self, keys_: list[tuple[Throttle, str]], now: float) -> None:
         with self._lock:
@@ -243,7 +247,9 @@ class AuthService:
         except IntegrityError as exc:
             raise ServiceError(409, "name_taken", f"user name {name!r} is already taken") from exc
         self._failed([(self._signups, source)], now)
-        log.info("account created", user=name, source=source, serial=format(cert.serial_number, "x"))
+        log.info(
+            "account created", user=name, source=source, serial=format(cert.serial_number, "x")
+        )
         return self._credentials(name, cert, now)
 
     def login(self, request: dict[str, Any], source: str, now: float) -> dict[str, Any]:
@@ -303,7 +309,9 @@ class AuthService:
         subject, roles = req.info.subject, req.info.roles
         with self._session() as session:
             if Role.USER in roles:
-                account = session.scalars(select(Account).where(Account.name == subject)).one_or_none()
+                account = session.scalars(
+                    select(Account).where(Account.name == subject)
+                ).one_or_none()
                 if account is None:
                     raise ServiceError(404, "unknown_user", f"account {subject!r} no longer exists")
                 if account.disabled:
@@ -336,7 +344,9 @@ class AuthService:
         except ValueError as exc:
             raise ServiceError(400, "invalid_field", "unknown role") from exc
         if not roles or not roles <= certs.NODE_ROLES:
-            raise ServiceError(400, "invalid_field", "roles must be some of supernode, relay, gateway")
+            raise ServiceError(
+                400, "invalid_field", "roles must be some of supernode, relay, gateway"
+            )
         addresses = _addresses(request.get("addresses"))
         role_text = ",".join(sorted(r.value for r in roles))
         with self._session() as session:

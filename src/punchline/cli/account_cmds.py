@@ -19,7 +19,9 @@ AuthUrl = Annotated[
 OptionalAuthUrl = Annotated[
     str | None,
     typer.Option(
-        "--auth", envvar="PUNCHLINE_AUTH", help="Login server URL [default: the one in the profile]."
+        "--auth",
+        envvar="PUNCHLINE_AUTH",
+        help="Login server URL [default: the one in the profile].",
     ),
 ]
 CaFingerprint = Annotated[

@@ -26,7 +26,9 @@ ServerData = Annotated[
 ]
 DbUrl = Annotated[
     str | None,
-    typer.Option("--db", envvar="PUNCHLINE_DB", help="postgresql://... [default: SQLite in --data]."),
+    typer.Option(
+        "--db", envvar="PUNCHLINE_DB", help="postgresql://... [default: SQLite in --data]."
+    ),
 ]
 
 
@@ -116,4 +118,6 @@ def list_users(data: ServerData, db: DbUrl = None, as_json: Json = False) -> Non
         return
     for r in rows:
         state = "disabled" if r.disabled else "active"
-        typer.echo(f"{r.name:<32} {state:<9} since {certs.iso(r.created_at)}  certs={r.certificates}")
+        typer.echo(
+            f"{r.name:<32} {state:<9} since {certs.iso(r.created_at)}  certs={r.certificates}"
+        )

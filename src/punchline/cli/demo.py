@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from punchline import environment
 from punchline.auth import launcher
@@ -42,7 +43,7 @@ def _describe(cert: x509.Certificate, info: certs.CertInfo) -> dict[str, Any]:
 
 def _tamper(cert: x509.Certificate, ca: x509.Certificate) -> str:
     """Flip one byte inside the signed part and report how verification rejects it."""
-    der = bytearray(cert.public_bytes(certs.serialization.Encoding.DER))
+    der = bytearray(cert.public_bytes(Encoding.DER))
     position = der.find(b"alice") if b"alice" in der else len(der) // 2
     der[position] ^= 0x01
     try:
@@ -61,43 +62,50 @@ def demo(
 ) -> None:
     """Start a login server, sign up two users and show their certificates."""
     environment.require_opendht()
-    say = (lambda _msg: None) if as_json else typer.echo
+
+    def say(message: str) -> None:
+        if not as_json:
+            typer.echo(message)
+
     root = workdir or Path(tempfile.mkdtemp(prefix="punchline-demo-"))
     say(f"[1/4] starting the login server (state in {root})")
     server = launcher.start(root / "auth")
     report: dict[str, Any] = {"auth_url": server.url, "ca_fingerprint": server.ca_fingerprint}
     try:
         say(f"      listening on {server.url}, CA fingerprint {server.ca_fingerprint}")
-        issued = {}
-        for user in USERS:
+        stores = [IdentityStore(root / user) for user in USERS]
+        for user, store in zip(USERS, stores, strict=True):
             say(f"[2/4] signing up {user}")
-            store = IdentityStore(root / user)
-            identity = account.signup(store, server.url, user, secrets.token_urlsafe(16))
-            issued[user] = (store, identity)
+            account.signup(store, server.url, user, secrets.token_urlsafe(16))
     finally:
         say("[3/4] stopping the login server: from here on, everything is offline")
         server.stop()
-    ca = IdentityStore(root / USERS[0]).pinned_ca()
+    ca = stores[0].pinned_ca()
     assert ca is not None
-    users = []
-    for user, (store, _identity) in issued.items():
-        cert = store.certificate()
-        offline = account.current(store, time.time())
-        users.append({**_describe(cert, offline.info), "verified_offline": True})
+    users = [
+        {
+            **_describe(s.certificate(), account.current(s, time.time()).info),
+            "verified_offline": True,
+        }
+        for s in stores
+    ]
     report["users"] = users
-    report["tampered_copy"] = _tamper(issued[USERS[0]][0].certificate(), ca)
+    report["tampered_copy"] = _tamper(stores[0].certificate(), ca)
     say("[4/4] certificates, verified offline against the pinned CA:")
     if as_json:
         emit_json(report)
     else:
         for entry in users:
+            roles = ",".join(entry["roles"])
             typer.echo(
-                f"\n  {entry['subject']}: roles={','.join(entry['roles'])} serial={entry['serial']}\n"
+                f"\n  {entry['subject']}: roles={roles} serial={entry['serial']}\n"
                 f"    valid {entry['not_before']} .. {entry['not_after']}\n"
                 f"    issuer {entry['issuer']}\n    key {entry['key_fingerprint']}\n"
             )
             typer.echo("    " + entry["pem"].strip().replace("\n", "\n    "))
-        typer.echo(f"\n  a copy of alice's certificate with one byte changed: {report['tampered_copy']}")
+        typer.echo(
+            f"\n  a copy of alice's certificate with one byte changed: {report['tampered_copy']}"
+        )
     if workdir is None:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -109,7 +117,7 @@ def doctor(as_json: Json = False) -> None:
     if as_json:
         emit_json(result)
     else:
-        typer.echo("everything punchline needs is here" if not problem else problem)
+        typer.echo(problem or "everything punchline needs is here")
     if problem:
         raise typer.Exit(1)
 

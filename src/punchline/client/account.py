@@ -71,7 +71,9 @@ def _check_same_user(store: IdentityStore, name: str) -> None:
         )
 
 
-def _credentials_request(key: Ed25519PrivateKey, purpose: str, name: str, password: str) -> dict[str, Any]:
+def _credentials_request(
+    key: Ed25519PrivateKey, purpose: str, name: str, password: str
+) -> dict[str, Any]:
     ts = int(time.time())
     return {
         "name": name,
@@ -147,7 +149,9 @@ def current(store: IdentityStore, now: float) -> Identity:
     return Identity(profile, info)
 
 
-def signed_request(key: Ed25519PrivateKey, certificate_pem: str, extra: dict[str, Any]) -> tuple[bytes, str]:
+def signed_request(
+    key: Ed25519PrivateKey, certificate_pem: str, extra: dict[str, Any]
+) -> tuple[bytes, str]:
     body = json.dumps({**extra, "certificate": certificate_pem, "ts": int(time.time())}).encode()
     return body, signed.sign(key, REQUEST_CONTEXT, body)
 

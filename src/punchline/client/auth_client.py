@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 from cryptography import x509
 
+from punchline.client.store import CAMismatch, ca_changed_message
 from punchline.errors import LocalError, RemoteError, SecurityError
 from punchline.identity import certs
-from punchline.client.store import CAMismatch, ca_changed_message
 
 SIGNATURE_HEADER = "X-Punchline-Signature"
 

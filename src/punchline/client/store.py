@@ -149,9 +149,7 @@ class IdentityStore:
         ca = self.pinned_ca()
         if ca is None:
             raise NotLoggedIn("no CA pinned; log in first")
-        public = ca.public_key()
-        assert isinstance(public, keys.Ed25519PublicKey)
-        return signed.open_document_untrusted(public, BOOTSTRAP_CONTEXT, document)
+        return signed.open_document_untrusted(certs.cert_key(ca), BOOTSTRAP_CONTEXT, document)
 
 
 def ca_changed_message(pinned: str, presented: str) -> str:

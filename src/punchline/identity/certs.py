@@ -17,7 +17,7 @@ import datetime as dt
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -34,7 +34,7 @@ MAX_CERT_BYTES = 8192
 CLOCK_SKEW_ALLOWANCE = dt.timedelta(minutes=5)
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     """What the holder of a certificate may act as."""
 
     USER = "user"
@@ -185,7 +185,7 @@ def issue(
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(_ed25519(ca_cert)),
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(cert_key(ca_cert)),
             critical=False,
         )
     )
@@ -198,7 +198,8 @@ def issue(
     return builder.sign(ca_key, algorithm=None)
 
 
-def _ed25519(cert: x509.Certificate) -> Ed25519PublicKey:
+def cert_key(cert: x509.Certificate) -> Ed25519PublicKey:
+    """The Ed25519 key a certificate binds; anything else is malformed for punchline."""
     key = cert.public_key()
     if not isinstance(key, Ed25519PublicKey):
         raise MalformedCertificate("certificate key is not Ed25519")
@@ -220,7 +221,7 @@ def load_untrusted(data: object) -> x509.Certificate:
             cert = x509.load_pem_x509_certificate(data)
         else:
             cert = x509.load_der_x509_certificate(data)
-        _ed25519(cert)
+        cert_key(cert)
         cert.subject  # noqa: B018 - force the lazy parse so bad names fail here
     except (ValueError, TypeError) as exc:
         raise MalformedCertificate(f"not a valid certificate: {exc}") from exc
@@ -228,7 +229,7 @@ def load_untrusted(data: object) -> x509.Certificate:
 
 
 def ca_fingerprint(ca_cert: x509.Certificate) -> str:
-    return keys.fingerprint(_ed25519(ca_cert))
+    return keys.fingerprint(cert_key(ca_cert))
 
 
 def _attributes(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> list[str]:
@@ -246,7 +247,7 @@ def _roles(cert: x509.Certificate) -> frozenset[Role]:
 
 
 def _check_issuer(cert: x509.Certificate, ca_cert: x509.Certificate) -> None:
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(_ed25519(ca_cert)).digest
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(cert_key(ca_cert)).digest
     try:
         aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     except x509.ExtensionNotFound as exc:
@@ -302,5 +303,5 @@ def verify(
         serial=cert.serial_number,
         not_before=not_before,
         not_after=not_after,
-        public_key=_ed25519(cert),
+        public_key=cert_key(cert),
     )

@@ -35,7 +35,9 @@ def sign(key: Ed25519PrivateKey, context: str, data: bytes) -> str:
     return base64.b64encode(key.sign(_label(context) + data)).decode("ascii")
 
 
-def verify_untrusted(public: Ed25519PublicKey, context: str, data: bytes, signature: object) -> None:
+def verify_untrusted(
+    public: Ed25519PublicKey, context: str, data: bytes, signature: object
+) -> None:
     if not isinstance(signature, str) or len(signature) > 200:
         raise BadSignature("signature must be base64 text")
     try:
