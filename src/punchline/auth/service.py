@@ -66,6 +66,13 @@ def _name(request: dict[str, Any]) -> str:
         raise ServiceError(422, "invalid_name", str(exc)) from exc
 
 
+def _check_user_proof(
+    request: dict[str, Any], key: Ed25519PublicKey, purpose: str, now: float
+) -> None:
+    """Users sign the name exactly as they typed it; it is case-folded only afterwards."""
+    _check_proof(request, key, purpose, str(request["name"]), now)
+
+
 def _public_key(request: dict[str, Any]) -> Ed25519PublicKey:
     try:
         return keys.public_from_text_untrusted(request.get("public_key"))
@@ -229,7 +236,7 @@ class AuthService:
         except passwords.InvalidPassword as exc:
             raise ServiceError(422, "invalid_password", str(exc)) from exc
         key = _public_key(request)
-        _check_proof(request, key, "signup", name, now)
+        _check_user_proof(request, key, "signup", now)
         password_hash = self._hasher.hash(password)
         try:
             with self._session() as session:
@@ -255,7 +262,7 @@ class AuthService:
     def login(self, request: dict[str, Any], source: str, now: float) -> dict[str, Any]:
         name = _name(request)
         key = _public_key(request)
-        _check_proof(request, key, "login", name, now)
+        _check_user_proof(request, key, "login", now)
         with self._session() as session:
             self._check_password(request, name, source, now, session)
             cert = self._issue(session, name, key, frozenset({Role.USER}), now)
