@@ -9,11 +9,17 @@ from pathlib import Path
 from typing import Any
 
 
-def punchline(*args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def punchline(
+    *args: str, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "punchline", *args],
-        input=stdin, capture_output=True, text=True, check=False, timeout=timeout,
-    )  # fmt: skip
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
 
 
 def ok_json(*args: str, stdin: str | None = None) -> dict[str, Any]:
@@ -24,6 +30,17 @@ def ok_json(*args: str, stdin: str | None = None) -> dict[str, Any]:
     return value
 
 
-def signup(data: Path, name: str, url: str, password: str = "long enough pw", *extra: str) -> dict[str, Any]:
-    return ok_json("signup", name, "--auth", url, "--data", str(data), "--password-stdin", *extra,
-                   stdin=password + "\n")  # fmt: skip
+def signup(
+    data: Path, name: str, url: str, password: str = "long enough pw", *extra: str
+) -> dict[str, Any]:
+    return ok_json(
+        "signup",
+        name,
+        "--auth",
+        url,
+        "--data",
+        str(data),
+        "--password-stdin",
+        *extra,
+        stdin=password + "\n",
+    )

@@ -181,16 +181,33 @@ def test_failed_logins_are_throttled_per_source(server: AuthProcess) -> None:
 
 def _disable(server: AuthProcess, name: str, db_args: list[str], action: str = "disable") -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "punchline", "auth", "user", action, name,
-         "--data", str(server.data_dir), *db_args],
-        capture_output=True, text=True, check=False, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "punchline",
+            "auth",
+            "user",
+            action,
+            name,
+            "--data",
+            str(server.data_dir),
+            *db_args,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
 def _db_args(server: AuthProcess) -> list[str]:
-    return server.args[server.args.index("--db") : server.args.index("--db") + 2] if "--db" in server.args else []
+    """The --db option the server was started with, for operator commands on the same data."""
+    if "--db" not in server.args:
+        return []
+    at = server.args.index("--db")
+    return server.args[at : at + 2]
 
 
 def test_disabled_accounts_cannot_log_in_or_renew(server: AuthProcess) -> None:
@@ -206,15 +223,31 @@ def test_disabled_accounts_cannot_log_in_or_renew(server: AuthProcess) -> None:
         wrong = client.post("/v1/login", json=credentials("heidi", "not the password", "login"))
         assert wrong.status_code == 401  # a guesser learns nothing about the account's state
         _disable(server, "heidi", _db_args(server), "enable")
-        assert client.post("/v1/login", json=credentials("heidi", PASSWORD, "login")).status_code == 200
+        assert (
+            client.post("/v1/login", json=credentials("heidi", PASSWORD, "login")).status_code
+            == 200
+        )
 
 
 def test_operator_command_reports_unknown_user_cleanly(server: AuthProcess) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "punchline", "auth", "user", "disable", "ghost",
-         "--data", str(server.data_dir), *_db_args(server)],
-        capture_output=True, text=True, check=False, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "punchline",
+            "auth",
+            "user",
+            "disable",
+            "ghost",
+            "--data",
+            str(server.data_dir),
+            *_db_args(server),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "no account named 'ghost'" in result.stderr
     assert "Traceback" not in result.stderr

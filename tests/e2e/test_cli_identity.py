@@ -41,8 +41,9 @@ def test_identity_files_are_private(server: launcher.AuthProcess, tmp_path: Path
 def test_login_again_and_wrong_password(server: launcher.AuthProcess, tmp_path: Path) -> None:
     data = tmp_path / "carol"
     first = signup(data, "carol", server.url)
-    again = ok_json("login", "carol", "--data", str(data), "--password-stdin",
-                    stdin="long enough pw\n")  # fmt: skip
+    again = ok_json(
+        "login", "carol", "--data", str(data), "--password-stdin", stdin="long enough pw\n"
+    )
     assert again["cert_serial"] != first["cert_serial"]
     assert again["key_fingerprint"] == first["key_fingerprint"]  # same device key
     wrong = punchline("login", "carol", "--data", str(data), "--password-stdin", stdin="nope\n")
@@ -52,12 +53,27 @@ def test_login_again_and_wrong_password(server: launcher.AuthProcess, tmp_path: 
 
 
 def test_ca_fingerprint_option_is_checked(server: launcher.AuthProcess, tmp_path: Path) -> None:
-    good = signup(tmp_path / "dan", "dan", server.url, "long enough pw",
-                  "--ca-fingerprint", server.ca_fingerprint)  # fmt: skip
+    good = signup(
+        tmp_path / "dan",
+        "dan",
+        server.url,
+        "long enough pw",
+        "--ca-fingerprint",
+        server.ca_fingerprint,
+    )
     assert good["ca_fingerprint"] == server.ca_fingerprint
-    bad = punchline("signup", "erin", "--auth", server.url, "--data", str(tmp_path / "erin"),
-                    "--password-stdin", "--ca-fingerprint", "sha256:" + "0" * 64,
-                    stdin="long enough pw\n")  # fmt: skip
+    bad = punchline(
+        "signup",
+        "erin",
+        "--auth",
+        server.url,
+        "--data",
+        str(tmp_path / "erin"),
+        "--password-stdin",
+        "--ca-fingerprint",
+        "sha256:" + "0" * 64,
+        stdin="long enough pw\n",
+    )
     assert bad.returncode == 3
     assert "refusing to trust it" in bad.stderr
     assert not (tmp_path / "erin" / "profile.json").exists()
@@ -69,8 +85,16 @@ def test_a_different_ca_later_is_a_hard_error(start_server: StartServer, tmp_pat
     signup(data, "frank", first.url)
     first.stop()
     impostor = start_server(data_dir=tmp_path / "auth-two")  # a new CA on a new address
-    result = punchline("login", "frank", "--auth", impostor.url, "--data", str(data),
-                       "--password-stdin", stdin="long enough pw\n")  # fmt: skip
+    result = punchline(
+        "login",
+        "frank",
+        "--auth",
+        impostor.url,
+        "--data",
+        str(data),
+        "--password-stdin",
+        stdin="long enough pw\n",
+    )
     assert result.returncode == 3, result.stderr
     assert "different certificate authority" in result.stderr
     assert first.ca_fingerprint in result.stderr
@@ -111,12 +135,28 @@ def test_commands_without_an_identity_explain_what_to_do(tmp_path: Path) -> None
     result = punchline("whoami", "--data", str(tmp_path / "empty"))
     assert result.returncode == 1
     assert "punchline signup" in result.stderr
-    no_server = punchline("signup", "ivan", "--auth", "https://127.0.0.1:9", "--data",
-                          str(tmp_path / "ivan"), "--password-stdin", stdin="long enough pw\n")  # fmt: skip
+    no_server = punchline(
+        "signup",
+        "ivan",
+        "--auth",
+        "https://127.0.0.1:9",
+        "--data",
+        str(tmp_path / "ivan"),
+        "--password-stdin",
+        stdin="long enough pw\n",
+    )
     assert no_server.returncode == 1
     assert "cannot reach the login server" in no_server.stderr
-    bad_url = punchline("signup", "ivan", "--auth", "ftp://x", "--data", str(tmp_path / "ivan"),
-                        "--password-stdin", stdin="long enough pw\n")  # fmt: skip
+    bad_url = punchline(
+        "signup",
+        "ivan",
+        "--auth",
+        "ftp://x",
+        "--data",
+        str(tmp_path / "ivan"),
+        "--password-stdin",
+        stdin="long enough pw\n",
+    )
     assert "https://host:port" in bad_url.stderr
     for result in (no_server, bad_url):
         assert "Traceback" not in result.stderr

@@ -32,8 +32,12 @@ def test_missing_opendht_is_explained(tmp_path: Path) -> None:
     for command in (["doctor"], ["demo"]):
         result = subprocess.run(
             [sys.executable, "-m", "punchline", *command],
-            capture_output=True, text=True, env=env, check=False, timeout=60,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+            timeout=60,
+        )
         output = result.stdout + result.stderr
         assert result.returncode == 1, output
         assert "apt-get install -y python3-opendht" in output
