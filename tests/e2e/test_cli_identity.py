@@ -160,3 +160,39 @@ def test_commands_without_an_identity_explain_what_to_do(tmp_path: Path) -> None
     assert "https://host:port" in bad_url.stderr
     for result in (no_server, bad_url):
         assert "Traceback" not in result.stderr
+
+
+def test_node_enrols_with_the_operator_secret_and_joins_bootstrap(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = start_server("--enroll-secret", "s3cret-for-nodes")
+    data = tmp_path / "node"
+    base = [
+        "node",
+        "enroll",
+        "--auth",
+        server.url,
+        "--data",
+        str(data),
+        "--role",
+        "supernode",
+        "--address",
+        "udp:192.0.2.7:4000",
+        "--address",
+        "tls:192.0.2.7:443",
+    ]
+    refused = punchline(*base, "--enroll-secret", "wrong")
+    assert refused.returncode == 1
+    assert "wrong enrolment secret" in refused.stderr
+    enrolled = ok_json(*base, "--enroll-secret", "s3cret-for-nodes")
+    assert enrolled["roles"] == ["supernode"]
+    assert len(enrolled["node_id"]) == 16
+    listing = ok_json("node", "heartbeat", "--data", str(data))
+    assert [n["node_id"] for n in listing["nodes"]] == [enrolled["node_id"]]
+    assert {"transport": "tls", "host": "192.0.2.7", "port": 443} in listing["nodes"][0][
+        "addresses"
+    ]
+    user = tmp_path / "user"
+    signup(user, "judy", server.url)
+    cached = (user / "bootstrap.json").read_text()
+    assert enrolled["node_id"] in cached

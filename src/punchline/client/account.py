@@ -43,7 +43,7 @@ class Identity:
         }
 
 
-def _client(store: IdentityStore, url: str, ca_fingerprint: str | None) -> tuple[AuthClient, bool]:
+def connect(store: IdentityStore, url: str, ca_fingerprint: str | None) -> tuple[AuthClient, bool]:
     """An HTTPS client trusting the pinned CA; on first contact the CA is fetched and checked."""
     pinned = store.pinned_ca()
     if pinned is None:
@@ -111,7 +111,7 @@ def _authenticate(
     name = names.canonical(name)
     _check_same_user(store, name)
     key = store.key()
-    http, _first = _client(store, url, ca_fingerprint)
+    http, _first = connect(store, url, ca_fingerprint)
     with http:
         answer = http.post(f"/v1/{purpose}", _credentials_request(key, purpose, name, password))
         return _store_answer(store, http, answer, http.url)
@@ -131,7 +131,7 @@ def login(
 
 def change_password(store: IdentityStore, old: str, new: str) -> None:
     profile = store.require_profile()
-    http, _ = _client(store, profile.auth_url, None)
+    http, _ = connect(store, profile.auth_url, None)
     with http:
         http.post(
             "/v1/password",
@@ -139,13 +139,13 @@ def change_password(store: IdentityStore, old: str, new: str) -> None:
         )
 
 
-def current(store: IdentityStore, now: float) -> Identity:
+def current(store: IdentityStore, now: float, role: certs.Role = certs.Role.USER) -> Identity:
     """The identity in the data dir, verified offline against the pinned CA."""
     profile = store.require_profile()
     ca = store.pinned_ca()
     if ca is None:
         raise LocalError(f"{store.dir} has a profile but no pinned CA; log in again")
-    info = certs.verify(store.certificate(), ca, now, certs.Role.USER)
+    info = certs.verify(store.certificate(), ca, now, role)
     return Identity(profile, info)
 
 

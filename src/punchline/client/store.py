@@ -33,6 +33,8 @@ class CAMismatch(SecurityError):
 
 @dataclass(frozen=True)
 class Profile:
+    """Who this data dir is (`user` holds the node id in a node's data dir) and where from."""
+
     user: str
     auth_url: str
     ca_fingerprint: str
@@ -100,13 +102,15 @@ class IdentityStore:
         except (ValueError, KeyError, TypeError) as exc:
             raise LocalError(f"{self.profile_path} is damaged: {exc}") from exc
 
-    def save_credentials(self, profile: Profile, certificate_pem: str) -> x509.Certificate:
-        """Store a certificate only after it verifies against the pinned CA for this user."""
+    def save_credentials(
+        self, profile: Profile, certificate_pem: str, role: certs.Role = certs.Role.USER
+    ) -> x509.Certificate:
+        """Store a certificate only after it verifies against the pinned CA for this subject."""
         ca = self.pinned_ca()
         if ca is None:
             raise NotLoggedIn("no CA pinned; log in first")
         cert = certs.load_untrusted(certificate_pem)
-        info = certs.verify(cert, ca, cert.not_valid_before_utc.timestamp() + 1, certs.Role.USER)
+        info = certs.verify(cert, ca, cert.not_valid_before_utc.timestamp() + 1, role)
         if info.subject != profile.user:
             raise SecurityError(f"login server issued a certificate for {info.subject!r}")
         self._write(self.cert_path, certificate_pem.encode("ascii"))

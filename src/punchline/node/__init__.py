@@ -1,0 +1,1 @@
+"""What every infrastructure node (supernode, relay, gateway) shares: enrolment with the CA."""
