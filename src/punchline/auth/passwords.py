@@ -44,7 +44,10 @@ class PasswordHasher:
     def verify(self, stored: str | None, password: str) -> bool:
         """Constant-ish time: unknown accounts are checked against a dummy hash."""
         try:
-            return bool(self._hasher.verify(stored or self._dummy, password)) and stored is not None
+            if stored is None:
+                self._hasher.verify(self._dummy, password)
+                return False
+            return bool(self._hasher.verify(stored, password))
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False
 

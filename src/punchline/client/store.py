@@ -113,7 +113,7 @@ class IdentityStore:
         info = certs.verify(cert, ca, cert.not_valid_before_utc.timestamp() + 1, role)
         if info.subject != profile.user:
             raise SecurityError(f"login server issued a certificate for {info.subject!r}")
-        self._write(self.cert_path, certificate_pem.encode("ascii"))
+        self._write(self.cert_path, certs.to_pem(cert).encode("ascii"))
         self._write(self.profile_path, json.dumps(asdict(profile), indent=2).encode())
         return cert
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -46,6 +46,17 @@ class Role(StrEnum):
 
 
 NODE_ROLES = frozenset({Role.SUPERNODE, Role.RELAY, Role.GATEWAY})
+
+
+# What cryptography raises for damaged certificates; all of it becomes MalformedCertificate.
+_PARSE_ERRORS = (
+    ValueError,
+    TypeError,
+    UnsupportedAlgorithm,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
 
 
 class CertificateError(SecurityError):
@@ -222,8 +233,10 @@ def load_untrusted(data: object) -> x509.Certificate:
         else:
             cert = x509.load_der_x509_certificate(data)
         cert_key(cert)
-        cert.subject  # noqa: B018 - force the lazy parse so bad names fail here
-    except (ValueError, TypeError) as exc:
+        # cryptography parses lazily: touch every field now so damage fails here, as one type
+        _ = (cert.subject, cert.issuer, cert.extensions, cert.not_valid_before_utc)
+        _ = (cert.not_valid_after_utc, cert.serial_number)
+    except _PARSE_ERRORS as exc:
         raise MalformedCertificate(f"not a valid certificate: {exc}") from exc
     return cert
 
@@ -252,7 +265,7 @@ def _check_issuer(cert: x509.Certificate, ca_cert: x509.Certificate) -> None:
         aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     except x509.ExtensionNotFound as exc:
         raise WrongCA("certificate names no issuing authority key; not from this CA") from exc
-    except ValueError as exc:
+    except _PARSE_ERRORS as exc:
         raise MalformedCertificate(f"unreadable certificate extensions: {exc}") from exc
     if aki.key_identifier != ca_ski:
         raise WrongCA(
@@ -281,6 +294,8 @@ def verify(
     role: Role | None = None,
 ) -> CertInfo:
     """Verify offline against the CA; raise the specific `CertificateError` on failure."""
+    if keys.public_raw(cert_key(cert)) == keys.public_raw(cert_key(ca_cert)):
+        raise WrongRole("the CA's own certificate cannot be used as a user or node certificate")
     _check_issuer(cert, ca_cert)
     if _is_ca(cert):
         raise WrongRole("a CA certificate cannot be used as a user or node certificate")

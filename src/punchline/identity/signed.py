@@ -61,7 +61,11 @@ def open_document_untrusted(
     text = document.get("payload")
     if not isinstance(text, str) or len(text) > MAX_DOCUMENT_BYTES:
         raise BadSignature("signed document has no payload text")
-    verify_untrusted(public, context, text.encode("utf-8"), document.get("signature"))
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadSignature("signed payload is not valid UTF-8 text") from exc
+    verify_untrusted(public, context, data, document.get("signature"))
     try:
         payload = json.loads(text)
     except ValueError as exc:
@@ -69,6 +73,17 @@ def open_document_untrusted(
     if not isinstance(payload, dict):
         raise BadSignature("signed payload must be a JSON object")
     return payload
+
+
+def check_timestamp_untrusted(timestamp: object, now: float) -> None:
+    """A signed message's time must be an integer within the window around our clock."""
+    if not isinstance(timestamp, int) or isinstance(timestamp, bool):
+        raise BadSignature("timestamp must be an integer")
+    # bound it first: a huge JSON integer would overflow the float subtraction below
+    if not 0 <= timestamp < 2**53 or abs(now - timestamp) > PROOF_WINDOW_SECONDS:
+        raise BadSignature(
+            "timestamp is too far from the server's clock; check this machine's time"
+        )
 
 
 def _proof_bytes(purpose: str, subject: str, timestamp: int) -> bytes:
@@ -88,12 +103,8 @@ def check_proof_untrusted(
     proof: object,
     now: float,
 ) -> None:
-    if not isinstance(timestamp, int) or isinstance(timestamp, bool):
-        raise BadSignature("proof timestamp must be an integer")
-    if abs(now - timestamp) > PROOF_WINDOW_SECONDS:
-        raise BadSignature(
-            "proof timestamp is too far from the server's clock; check this machine's time"
-        )
+    check_timestamp_untrusted(timestamp, now)
+    assert isinstance(timestamp, int)
     verify_untrusted(public, "proof", _proof_bytes(purpose, subject, timestamp), proof)
 
 

@@ -10,7 +10,10 @@ _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
-    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)|([^:\[\]]+)", text.strip())
+    match = re.fullmatch(
+        r"\[([0-9a-fA-F:.]+)\](?::([0-9]{1,5}))?|([^:\[\]]*):([0-9]{1,5})|([^:\[\]]+)",
+        text.strip(),
+    )
     if not match:
         raise LocalError(f"expected HOST:PORT, got {text!r}")
     host = match.group(1) or match.group(3) or match.group(5) or ""
@@ -26,7 +29,7 @@ def host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
 
 
 def duration(text: str) -> float:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", text)
     if not match:
         raise LocalError(f"expected a duration like 90s, 30m, 24h or 7d, got {text!r}")
     return float(match.group(1)) * _UNITS[match.group(2) or "s"]
