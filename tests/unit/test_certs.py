@@ -31,7 +31,7 @@ from punchline.identity.certs import (
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from conftest import CA, IssueFn
+    from tests.unit.conftest import CA, IssueFn
 
 NOW = 1_700_000_000
 DAY = 86_400

@@ -10,7 +10,7 @@ from punchline.client.renewal import due, renew_at
 from punchline.identity import certs, keys
 
 if TYPE_CHECKING:
-    from conftest import CA, IssueFn
+    from tests.unit.conftest import CA, IssueFn
 
 
 def info(not_before: float, not_after: float) -> certs.CertInfo:

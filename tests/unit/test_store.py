@@ -17,7 +17,7 @@ from punchline.identity.certs import CertificateError, Role, WrongCA, WrongRole
 from punchline.identity.signed import BadSignature
 
 if TYPE_CHECKING:
-    from conftest import CA, IssueFn
+    from tests.unit.conftest import CA, IssueFn
 
 BOOTSTRAP = {"nodes": [{"id": "n1", "host": "192.0.2.1", "port": 443}], "serial": 3}
 
