@@ -287,6 +287,14 @@ def test_node_enrolment_and_signed_bootstrap_list(start_server: StartServer) -> 
         )
         assert beat.status_code == 200, beat.text
         document = client.get("/v1/bootstrap").json()
+        body, signature = account.signed_request(node_key, enrolled.json()["certificate"], {})
+        renewed = client.post(
+            "/v1/renew", content=body, headers={"X-Punchline-Signature": signature}
+        )
+        assert renewed.status_code == 200, renewed.text
+        again = certs.load_untrusted(renewed.json()["certificate"])
+        renewed_info = certs.verify(again, _ca(server), time.time(), certs.Role.RELAY)
+        assert renewed_info.roles == {certs.Role.SUPERNODE, certs.Role.RELAY}
     payload = signed.open_document_untrusted(certs.cert_key(_ca(server)), "bootstrap", document)
     assert [n["node_id"] for n in payload["nodes"]] == [node_id]
     assert payload["nodes"][0]["roles"] == ["relay", "supernode"]

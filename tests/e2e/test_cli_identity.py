@@ -20,7 +20,8 @@ def test_signup_then_whoami_offline(start_server: StartServer, tmp_path: Path) -
     answer = signup(data, "Alice", server.url)
     assert answer["user"] == "alice"
     assert answer["ca_fingerprint"] == server.ca_fingerprint
-    server.stop()  # from here on the login server is gone
+    assert server.stop() == 0  # SIGTERM: a clean exit; from here on the server is gone
+    assert not (server.data_dir / "server.json").exists()
     who = ok_json("whoami", "--data", str(data))
     assert set(who) >= WHOAMI_FIELDS
     assert who["user"] == "alice"

@@ -47,7 +47,7 @@ def open_storage(config: AuthConfig) -> Storage:
         first = str(exc).splitlines()[0]
         raise db.DatabaseError(f"cannot open the account database {_redact(url)}: {first}") from exc
     if before != after:
-        log.info("database schema migrated", frm=before or "empty", to=after)
+        log.info("database schema migrated", previous=before or "empty", current=after)
     return Storage(url, db.make_sessions(engine))
 
 
