@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import ssl
-import time
 from typing import Any
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from punchline.auth.launcher import AuthProcess
-from punchline.identity import keys, signed
+from punchline.client import account
+from punchline.identity import keys
 
 
 def http(server: AuthProcess) -> httpx.Client:
@@ -22,15 +22,8 @@ def http(server: AuthProcess) -> httpx.Client:
 def credentials(
     name: str, password: str, purpose: str = "signup", key: Ed25519PrivateKey | None = None
 ) -> dict[str, Any]:
-    key = key or keys.generate()
-    ts = int(time.time())
-    return {
-        "name": name,
-        "password": password,
-        "public_key": keys.public_to_text(key.public_key()),
-        "ts": ts,
-        "proof": signed.make_proof(key, purpose, name, ts),
-    }
+    """A sign-up or login body with a fresh (or the given) key, as the client builds it."""
+    return account.credentials_request(key or keys.generate(), purpose, name, password)
 
 
 def error_of(response: httpx.Response) -> str:

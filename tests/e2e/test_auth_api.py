@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 
 import httpx
@@ -15,6 +14,7 @@ from punchline.auth.launcher import AuthProcess
 from punchline.client import account
 from punchline.identity import certs, keys, signed
 from tests.e2e.api import credentials, error_of, http
+from tests.e2e.cli import punchline
 from tests.e2e.conftest import StartServer
 
 PASSWORD = "correct horse battery"
@@ -179,29 +179,6 @@ def test_failed_logins_are_throttled_per_source(server: AuthProcess) -> None:
         assert (blocked.status_code, error_of(blocked)) == (429, "throttled")
 
 
-def _disable(server: AuthProcess, name: str, db_args: list[str], action: str = "disable") -> str:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "punchline",
-            "auth",
-            "user",
-            action,
-            name,
-            "--data",
-            str(server.data_dir),
-            *db_args,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 def _db_args(server: AuthProcess) -> list[str]:
     """The --db option the server was started with, for operator commands on the same data."""
     if "--db" not in server.args:
@@ -210,11 +187,17 @@ def _db_args(server: AuthProcess) -> list[str]:
     return server.args[at : at + 2]
 
 
+def _operator(server: AuthProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return punchline("auth", "user", *args, "--data", str(server.data_dir), *_db_args(server))
+
+
 def test_disabled_accounts_cannot_log_in_or_renew(server: AuthProcess) -> None:
     key = keys.generate()
     with http(server) as client:
         first = client.post("/v1/signup", json=credentials("heidi", PASSWORD, key=key)).json()
-        assert "disabled" in _disable(server, "heidi", _db_args(server))
+        disabled = _operator(server, "disable", "heidi")
+        assert disabled.returncode == 0, disabled.stderr
+        assert "disabled" in disabled.stdout
         refused = client.post("/v1/login", json=credentials("heidi", PASSWORD, "login"))
         assert (refused.status_code, error_of(refused)) == (403, "account_disabled")
         body, signature = account.signed_request(key, first["certificate"], {})
@@ -222,32 +205,15 @@ def test_disabled_accounts_cannot_log_in_or_renew(server: AuthProcess) -> None:
         assert renew.status_code == 403
         wrong = client.post("/v1/login", json=credentials("heidi", "not the password", "login"))
         assert wrong.status_code == 401  # a guesser learns nothing about the account's state
-        _disable(server, "heidi", _db_args(server), "enable")
-        assert (
-            client.post("/v1/login", json=credentials("heidi", PASSWORD, "login")).status_code
-            == 200
-        )
+        listed = json.loads(_operator(server, "list", "--json").stdout)["users"]
+        assert [(u["user"], u["disabled"]) for u in listed] == [("heidi", True)]
+        assert _operator(server, "enable", "heidi").returncode == 0
+        again = client.post("/v1/login", json=credentials("heidi", PASSWORD, "login"))
+        assert again.status_code == 200
 
 
 def test_operator_command_reports_unknown_user_cleanly(server: AuthProcess) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "punchline",
-            "auth",
-            "user",
-            "disable",
-            "ghost",
-            "--data",
-            str(server.data_dir),
-            *_db_args(server),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    result = _operator(server, "disable", "ghost")
     assert result.returncode == 1
     assert "no account named 'ghost'" in result.stderr
     assert "Traceback" not in result.stderr

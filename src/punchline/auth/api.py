@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,12 +16,12 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from punchline.auth.service import AuthService, ServiceError
+from punchline.auth.service import AuthService
+from punchline.wire.auth_api import SIGNATURE_HEADER, Refusal, decode_object_untrusted
 
 log = structlog.get_logger(component="auth.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-SIGNATURE_HEADER = "X-Punchline-Signature"
 
 
 def _error(status: int, code: str, message: str, retry_after: float = 0.0) -> web.Response:
@@ -34,7 +33,7 @@ def _error(status: int, code: str, message: str, retry_after: float = 0.0) -> we
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ServiceError as exc:
+    except Refusal as exc:
         return _error(exc.status, exc.code, exc.message, exc.retry_after)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -48,16 +47,6 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def _body(request: web.Request) -> bytes:
     return await request.read()
-
-
-def _decode(body: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(body)
-    except ValueError as exc:
-        raise ServiceError(400, "bad_json", "request body is not valid JSON") from exc
-    if not isinstance(value, dict):
-        raise ServiceError(400, "bad_json", "request body must be a JSON object")
-    return value
 
 
 def _source(request: web.Request) -> str:
@@ -75,7 +64,7 @@ def build_app(service: AuthService) -> web.Application:
         method: Callable[[dict[str, Any], str, float], dict[str, Any]], status: int = 200
     ) -> Handler:
         async def handle(request: web.Request) -> web.Response:
-            request_json = _decode(await _body(request))
+            request_json = decode_object_untrusted(await _body(request))
             call = functools.partial(method, request_json, _source(request), time.time())
             return web.json_response(await _in_thread(call), status=status)
 
@@ -93,7 +82,7 @@ def build_app(service: AuthService) -> web.Application:
     async def healthz(_request: web.Request) -> web.Response:
         try:
             return web.json_response(await _in_thread(service.health))
-        except ServiceError as exc:
+        except Refusal as exc:
             return web.json_response({"status": "unavailable", "reason": exc.message}, status=503)
 
     async def ca(_request: web.Request) -> web.Response:

@@ -43,11 +43,11 @@ def set_disabled(sessions: sessionmaker[Session], name: str, disabled: bool, now
 
 def list_accounts(sessions: sessionmaker[Session]) -> list[AccountSummary]:
     with sessions() as session:
-        counts = dict(
-            session.execute(
-                select(IssuedCertificate.subject, func.count()).group_by(IssuedCertificate.subject)
-            ).tuples()
+        per_subject = select(IssuedCertificate.subject, func.count()).group_by(
+            IssuedCertificate.subject
         )
+        # a Result has .keys(), so dict() would treat it as a mapping: unpack rows explicitly
+        counts = {subject: count for subject, count in session.execute(per_subject).tuples()}
         return [
             AccountSummary(a.name, a.created_at, a.disabled, counts.get(a.name, 0))
             for a in session.scalars(select(Account).order_by(Account.name))

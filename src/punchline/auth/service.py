@@ -27,27 +27,23 @@ from punchline.auth.ca import CertificateAuthority
 from punchline.auth.config import AuthConfig
 from punchline.auth.db import Account, IssuedCertificate, Node
 from punchline.auth.throttle import Throttle
-from punchline.errors import RemoteError
 from punchline.identity import certs, keys, names, signed
 from punchline.identity.certs import Role
+from punchline.wire.auth_api import (
+    BOOTSTRAP_CONTEXT,
+    REQUEST_CONTEXT,
+    Refusal,
+    decode_object_untrusted,
+)
 
 log = structlog.get_logger(component="auth")
 
-REQUEST_CONTEXT = "request"
-BOOTSTRAP_CONTEXT = "bootstrap"
 MAX_ADDRESSES = 16
 TRANSPORTS = frozenset({"udp", "tcp", "tls"})
 
 
-class ServiceError(RemoteError):
-    """A refusal the client should show to its user: status, machine code, human message."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after: float = 0.0) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
+# The service refuses with the wire-level error the client will show its user.
+ServiceError = Refusal
 
 
 def _field(request: dict[str, Any], key: str, kind: type, max_len: int = 4096) -> Any:
@@ -289,12 +285,7 @@ class AuthService:
         self, body: bytes, signature: str | None, now: float, roles: frozenset[Role]
     ) -> SignedRequest:
         """Authenticate a request by certificate + signature; refuse anything else with 401."""
-        try:
-            request = json.loads(body)
-        except ValueError as exc:
-            raise ServiceError(400, "bad_json", "request body is not valid JSON") from exc
-        if not isinstance(request, dict):
-            raise ServiceError(400, "bad_json", "request body must be a JSON object")
+        request = decode_object_untrusted(body)
         try:
             cert = certs.load_untrusted(request.get("certificate"))
             info = certs.verify(cert, self.ca.cert, now)

@@ -15,14 +15,13 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from punchline.client import renewal
-from punchline.client.auth_client import AuthClient, AuthRefused, fetch_ca_unverified
+from punchline.client.auth_client import AuthClient, fetch_ca_unverified
 from punchline.client.store import CAMismatch, IdentityStore, Profile
 from punchline.errors import LocalError, RemoteError
 from punchline.identity import certs, keys, names, signed
+from punchline.wire.auth_api import REQUEST_CONTEXT
 
 log = structlog.get_logger(component="client")
-
-REQUEST_CONTEXT = "request"
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ def _check_same_user(store: IdentityStore, name: str) -> None:
         )
 
 
-def _credentials_request(
+def credentials_request(
     key: Ed25519PrivateKey, purpose: str, name: str, password: str
 ) -> dict[str, Any]:
     ts = int(time.time())
@@ -113,7 +112,7 @@ def _authenticate(
     key = store.key()
     http, _first = connect(store, url, ca_fingerprint)
     with http:
-        answer = http.post(f"/v1/{purpose}", _credentials_request(key, purpose, name, password))
+        answer = http.post(f"/v1/{purpose}", credentials_request(key, purpose, name, password))
         return _store_answer(store, http, answer, http.url)
 
 
@@ -189,6 +188,6 @@ def ensure_fresh(store: IdentityStore, now: float, timeout: float = 3.0) -> Fres
         return Freshness(identity, renewed=False)
     try:
         return Freshness(renew(store, timeout), renewed=True)
-    except (RemoteError, AuthRefused) as exc:
+    except RemoteError as exc:
         log.warning("certificate renewal failed; keeping the current one", reason=str(exc))
         return Freshness(identity, renewed=False, problem=str(exc))

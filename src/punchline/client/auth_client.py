@@ -19,22 +19,15 @@ from cryptography import x509
 from punchline.client.store import CAMismatch, ca_changed_message
 from punchline.errors import LocalError, RemoteError, SecurityError
 from punchline.identity import certs
-
-SIGNATURE_HEADER = "X-Punchline-Signature"
+from punchline.wire.auth_api import SIGNATURE_HEADER, Refusal
 
 
 class ServerUnreachable(RemoteError):
     """The login server did not answer."""
 
 
-class AuthRefused(RemoteError):
-    """The login server answered with an error; `code` is its machine-readable reason."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after: float = 0.0) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.retry_after = retry_after
+# The login server's refusal, as the client sees it.
+AuthRefused = Refusal
 
 
 def _ssl_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:

@@ -19,8 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from punchline.errors import LocalError, SecurityError
 from punchline.identity import certs, keys, signed
 from punchline.util.files import atomic_write, private_dir
-
-BOOTSTRAP_CONTEXT = "bootstrap"
+from punchline.wire.auth_api import BOOTSTRAP_CONTEXT
 
 
 class NotLoggedIn(LocalError):

@@ -1,0 +1,1 @@
+"""Stateless codecs and constants of every punchline wire format."""

@@ -1,0 +1,42 @@
+"""What both ends of the login server's HTTPS API agree on: names, labels, the error shape.
+
+Errors travel as `{"error": code, "message": text}` with a 4xx/5xx status and, for throttling,
+a `Retry-After` header; both sides represent one as `Refusal`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from punchline.errors import RemoteError
+
+SIGNATURE_HEADER = "X-Punchline-Signature"
+# Context labels of the signatures (see identity.signed): request bodies, the bootstrap list.
+REQUEST_CONTEXT = "request"
+BOOTSTRAP_CONTEXT = "bootstrap"
+
+
+class Refusal(RemoteError):
+    """The login server refused a request: HTTP status, machine code, message for a person."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+    def as_json(self) -> dict[str, str]:
+        return {"error": self.code, "message": self.message}
+
+
+def decode_object_untrusted(body: bytes) -> dict[str, Any]:
+    """A request body must be one JSON object; anything else is a 400 `bad_json`."""
+    try:
+        value = json.loads(body)
+    except ValueError as exc:
+        raise Refusal(400, "bad_json", "request body is not valid JSON") from exc
+    if not isinstance(value, dict):
+        raise Refusal(400, "bad_json", "request body must be a JSON object")
+    return value
