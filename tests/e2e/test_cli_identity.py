@@ -197,3 +197,34 @@ def test_node_enrols_with_the_operator_secret_and_joins_bootstrap(
     signup(user, "judy", server.url)
     cached = (user / "bootstrap.json").read_text()
     assert enrolled["node_id"] in cached
+
+
+def test_passwd_changes_the_password(server: launcher.AuthProcess, tmp_path: Path) -> None:
+    data = tmp_path / "kim"
+    signup(data, "kim", server.url)
+    changed = punchline("passwd", "--data", str(data), "--password-stdin",
+                        stdin="long enough pw\nan even longer pw\n")  # fmt: skip
+    assert changed.returncode == 0, changed.stderr
+    old = punchline("login", "kim", "--data", str(data), "--password-stdin",
+                    stdin="long enough pw\n")  # fmt: skip
+    assert "wrong password" in old.stderr
+    ok_json("login", "kim", "--data", str(data), "--password-stdin", stdin="an even longer pw\n")
+
+
+def test_server_start_problems_are_one_clear_line(
+    server: launcher.AuthProcess, tmp_path: Path
+) -> None:
+    data = str(tmp_path / "srv")
+    in_use = server.url.removeprefix("https://")
+    cases = [
+        (["--listen", "garbage:xx"], "expected HOST:PORT"),
+        (["--db", "mysql://x"], "unsupported database URL"),
+        (["--db", "postgresql://u:topsecret@127.0.0.1:1/x"], "cannot open the account database"),
+        (["--listen", in_use], "address already in use"),
+    ]
+    for args, message in cases:
+        result = punchline("auth", "serve", "--data", data, *args)
+        assert result.returncode == 1, (args, result.stderr)
+        assert message in result.stderr
+        assert "topsecret" not in result.stderr
+        assert "Traceback" not in result.stderr
