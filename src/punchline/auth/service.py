@@ -39,7 +39,7 @@ from punchline.wire.auth_api import (
 log = structlog.get_logger(component="auth")
 
 MAX_ADDRESSES = 16
-TRANSPORTS = frozenset({"udp", "tcp", "tls"})
+TRANSPORTS = frozenset({"udp", "tcp", "tls", "dht"})
 
 
 # The service refuses with the wire-level error the client will show its user.
@@ -102,7 +102,9 @@ def _addresses(value: object) -> list[dict[str, Any]]:
         )
         if not ok:
             raise ServiceError(
-                400, "invalid_field", "each address needs transport (udp/tcp/tls), host and port"
+                400,
+                "invalid_field",
+                "each address needs transport (udp/tcp/tls/dht), host and port",
             )
         result.append({"transport": item["transport"], "host": item["host"], "port": item["port"]})
     return result

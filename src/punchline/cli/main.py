@@ -12,7 +12,7 @@ import sys
 import typer
 
 from punchline import __version__
-from punchline.cli import account_cmds, auth_cmds, demo, node_cmds
+from punchline.cli import account_cmds, auth_cmds, demo, network_cmds, node_cmds
 from punchline.errors import PunchlineError
 from punchline.util import logs
 
@@ -26,6 +26,7 @@ app = typer.Typer(
 app.add_typer(auth_cmds.app, name="auth")
 app.add_typer(node_cmds.app, name="node")
 account_cmds.register(app)
+network_cmds.register(app)
 demo.register(app)
 
 

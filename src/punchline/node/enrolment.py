@@ -30,7 +30,7 @@ class NodeAddress:
     def parse(cls, text: str) -> NodeAddress:
         """`udp:HOST:PORT`, `tcp:HOST:PORT` or `tls:HOST:PORT` (IPv6 hosts in brackets)."""
         transport, _, rest = text.partition(":")
-        if transport not in ("udp", "tcp", "tls") or not rest:
+        if transport not in ("udp", "tcp", "tls", "dht") or not rest:
             raise LocalError(f"address must look like udp:HOST:PORT, tcp:… or tls:…, not {text!r}")
         host, port = host_port(rest)
         return cls(transport, host, port)

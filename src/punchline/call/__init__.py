@@ -1,0 +1,1 @@
+"""Calls between users: signaling state machine and the call report."""

@@ -1,0 +1,181 @@
+"""Commands of the running network: supernode, up, call, hangup, answer, status.
+
+Heavy modules (audio, crypto cores, the DHT) are imported inside the commands so that
+`punchline call` starts quickly; the daemon does the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from punchline.cli.account_cmds import CaFingerprint
+from punchline.cli.options import DataDir, Json, emit_json, store
+from punchline.errors import LocalError, RemoteError
+from punchline.util import logs
+from punchline.util.parse import host_port
+
+WavFile = Annotated[
+    Path | None, typer.Option(help="WAV file to use instead of the sound card.", dir_okay=False)
+]
+
+
+def supernode(
+    data: Annotated[Path, typer.Option("--data", help="The node's data dir (key, certificate).")],
+    listen: Annotated[str, typer.Option("--listen", help="HOST:PORT for UDP and TCP.")],
+    auth: Annotated[str, typer.Option("--auth", envvar="PUNCHLINE_AUTH", help="Login server URL.")],
+    bootstrap: Annotated[
+        list[str] | None,
+        typer.Option("--bootstrap", help="HOST:PORT of another supernode's DHT node (repeatable)."),
+    ] = None,
+    tcp_port: Annotated[
+        list[int] | None, typer.Option("--tcp-port", help="Extra TLS port, e.g. 443 (repeatable).")
+    ] = None,
+    dht_port: Annotated[int, typer.Option(help="UDP port of this node's DHT node (0: any).")] = 0,
+    advertise: Annotated[
+        str | None, typer.Option(help="Address clients use to reach this node.")
+    ] = None,
+    enroll_secret: Annotated[
+        str | None,
+        typer.Option("--enroll-secret", envvar="PUNCHLINE_ENROLL_SECRET", help="Operator secret."),
+    ] = None,
+    ca_fingerprint: CaFingerprint = None,
+    loopback_lab: Annotated[
+        bool, typer.Option(help="Lift the DHT's per-address rate limit (all nodes on one host).")
+    ] = False,
+) -> None:
+    """Run a supernode: attach clients, answer STUN, share presence over OpenDHT."""
+    from punchline import environment
+    from punchline.supernode.server import SupernodeConfig, run
+
+    logs.configure("INFO")
+    environment.require_opendht()
+    host, port = host_port(listen)
+    config = SupernodeConfig(
+        data_dir=data,
+        listen_host=host,
+        listen_port=port,
+        auth_url=auth,
+        tcp_ports=tuple(tcp_port or ()),
+        dht_port=dht_port,
+        dht_bootstrap=tuple(host_port(b) for b in bootstrap or ()),
+        enroll_secret=enroll_secret,
+        ca_fingerprint=ca_fingerprint,
+        advertise_host=advertise,
+        dht_unlimited_rate=loopback_lab,
+    )
+    asyncio.run(run(config))
+
+
+def up(
+    data: DataDir = None,
+    auto_answer: Annotated[bool, typer.Option(help="Answer every incoming call at once.")] = False,
+    play: WavFile = None,
+    record: WavFile = None,
+) -> None:
+    """Go online: attach to a supernode, publish presence, take and place calls."""
+    from punchline.client.daemon import Daemon, DaemonConfig
+    from punchline.voice import wav
+
+    logs.configure("INFO")
+    identity_store = store(data)
+    if play is not None:
+        wav.read_wav(play)
+    asyncio.run(Daemon(DaemonConfig(identity_store.dir, auto_answer, play, record)).run())
+
+
+async def _ask(data: Path | None, message: dict[str, Any]) -> list[dict[str, Any]]:
+    from punchline.client import control
+
+    return [reply async for reply in control.request(store(data).dir, message)]
+
+
+def _one(data: Path | None, message: dict[str, Any]) -> dict[str, Any]:
+    replies = asyncio.run(_ask(data, message))
+    if not replies:
+        raise RemoteError("the daemon closed the connection without answering")
+    answer = replies[0]
+    if not answer.get("ok"):
+        raise LocalError(str(answer.get("error", "the daemon refused")))
+    return answer
+
+
+def call(
+    name: Annotated[str, typer.Argument(help="Who to call.")],
+    data: DataDir = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Hang up after this many seconds connected.")
+    ] = None,
+    play: WavFile = None,
+    record: WavFile = None,
+    as_json: Json = False,
+) -> None:
+    """Call a user by name and wait until the call ends; then print the call report."""
+    from punchline.client import control
+    from punchline.voice import wav
+
+    if play is not None:
+        wav.read_wav(play)  # fail here, clearly, before anything rings
+    request: dict[str, Any] = {"op": "call", "user": name}
+    if duration is not None:
+        request["duration"] = duration
+    if play is not None:
+        request["play"] = str(play.resolve())
+    if record is not None:
+        request["record"] = str(record.resolve())
+    report: dict[str, Any] | None = None
+
+    async def follow() -> None:
+        nonlocal report
+        async for event in control.request(store(data).dir, request):
+            if event.get("ok") is False:
+                raise LocalError(str(event.get("error")))
+            if event.get("event") == "ended":
+                report = event["report"]
+            elif not as_json and event.get("event"):
+                typer.echo(f"{event['event']}", err=True)
+
+    asyncio.run(follow())
+    if report is None:
+        raise RemoteError("the daemon ended the call without a report")
+    if as_json:
+        emit_json(report)
+    else:
+        state = "connected" if report["connected"] else "not connected"
+        typer.echo(f"call with {report['peer']}: {state} ({report.get('end_reason', '')})")
+        for key in ("path", "setup_ms", "duration_s", "rtt_ms", "loss", "jitter_ms"):
+            typer.echo(f"  {key:<11} {report.get(key)}")
+    if not report["connected"]:
+        raise typer.Exit(1)
+
+
+def hangup(data: DataDir = None) -> None:
+    """Hang up (or decline) the current call."""
+    _one(data, {"op": "hangup"})
+
+
+def answer(data: DataDir = None) -> None:
+    """Answer the ringing incoming call."""
+    _one(data, {"op": "answer"})
+
+
+def status(data: DataDir = None, as_json: Json = False) -> None:
+    """Show whether the daemon is online, through which supernode, and the current call."""
+    answer = _one(data, {"op": "status"})
+    answer.pop("ok", None)
+    if as_json:
+        emit_json(answer)
+        return
+    supernode = answer.get("supernode")
+    where = f"via {supernode['node_id']} {supernode['address']}" if supernode else "offline"
+    typer.echo(f"{answer['user']}: {where}")
+    if answer.get("call"):
+        typer.echo(f"  call with {answer['call']['peer']}: {answer['call']['state']}")
+
+
+def register(app: typer.Typer) -> None:
+    for command in (supernode, up, call, hangup, answer, status):
+        app.command()(command)

@@ -1,0 +1,597 @@
+"""The client daemon (`punchline up`): online presence, calls and media for one user.
+
+It attaches to the supernode that answers first among a few from the CA-signed bootstrap list
+(the lowest round-trip time), publishes a signed presence record through it and keeps the
+session alive; when the supernode stops answering it re-attaches to another within seconds and
+republishes. Calls are set up with `call.signaling.Call` through the supernodes; media flows
+peer to peer, so losing a supernode mid-call does not touch the audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import structlog
+
+from punchline.call.media import Address, MediaConfig, MediaSession
+from punchline.call.signaling import Call, CallConfig, CallState
+from punchline.client import account, control
+from punchline.client.store import IdentityStore
+from punchline.crypto import handshake
+from punchline.errors import LocalError
+from punchline.identity import keys
+from punchline.session.channel import ChannelConfig
+from punchline.session.outbound import Identity, OutboundSession, State
+from punchline.voice import wav
+from punchline.voice.codec import FRAME_MS
+from punchline.voice.wav import FrameSource
+from punchline.wire import presence
+from punchline.wire import session as wire
+
+log = structlog.get_logger(component="daemon")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    data_dir: Path
+    auto_answer: bool = False
+    play: Path | None = None
+    record: Path | None = None
+    # Supernodes probed at once when attaching; the first to answer wins.
+    probes: int = 3
+    # A supernode that failed is avoided for this long when re-attaching.
+    avoid_failed_for: float = 30.0
+    # Presence records live this long and are republished well before they expire.
+    record_lifetime: float = 150.0
+    republish_interval: float = 45.0
+    channel: ChannelConfig = field(default_factory=ChannelConfig)
+    call: CallConfig = field(default_factory=CallConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+
+
+@dataclass
+class Supernode:
+    node_id: str
+    address: Address
+
+
+@dataclass
+class ActiveCall:
+    call: Call
+    requested_at: float
+    source: FrameSource
+    sink: wav.WavSink | None
+    duration: float | None
+    waiters: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list)
+    media: MediaSession | None = None
+    paths: list[dict[str, Any]] = field(default_factory=list)
+    hangup_at: float | None = None
+    finished: bool = False
+
+
+class _Socket(asyncio.DatagramProtocol):
+    def __init__(self, daemon: Daemon, kind: str) -> None:
+        self.daemon, self.kind = daemon, kind
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.daemon.received(self.kind, data, (addr[0], addr[1]))
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable: on many paths the fastest sign that a supernode died
+        self.daemon.socket_error(self.kind, exc)
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.store = IdentityStore(config.data_dir)
+        self.identity: Identity | None = None
+        self.user = ""
+        self.device = ""
+        self.supernodes: list[Supernode] = []
+        self.attempts: dict[Address, tuple[Supernode, OutboundSession]] = {}
+        self.current: tuple[Supernode, OutboundSession] | None = None
+        self.reflexive: Address | None = None
+        self.avoid: dict[str, float] = {}
+        self.call: ActiveCall | None = None
+        self._seen_invites: dict[bytes, float] = {}
+        self._seq = int(time.time() * 1000)
+        self._next_publish = float("inf")
+        self._signal_ids = itertools.count(1)
+        self._signal_sock: asyncio.DatagramTransport | None = None
+        self._media_sock: asyncio.DatagramTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stop = asyncio.Event()
+        self.counters = {"replayed_invites": 0, "forged_invites": 0, "malformed": 0}
+        self._pending_answer: dict[str, Any] = {}
+        self._retry_at = 0.0
+
+    # ----------------------------------------------------------------- start
+
+    async def run(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        freshness = await asyncio.to_thread(account.ensure_fresh, self.store, time.time())
+        ca = self.store.pinned_ca()
+        assert ca is not None
+        self.identity = Identity(self.store.key(), self.store.certificate(), ca)
+        self.user = freshness.identity.profile.user
+        self.device = keys.key_id(self.identity.key.public_key())
+        self.supernodes = self._bootstrap_supernodes()
+        if not self.supernodes:
+            raise LocalError("the cached bootstrap list names no supernode; log in again later")
+        loop = asyncio.get_running_loop()
+        self._signal_sock, _ = await loop.create_datagram_endpoint(
+            lambda: _Socket(self, "signal"),
+            local_addr=("0.0.0.0", 0),  # noqa: S104
+        )
+        self._media_sock, _ = await loop.create_datagram_endpoint(
+            lambda: _Socket(self, "media"),
+            local_addr=("0.0.0.0", 0),  # noqa: S104
+        )
+        self._control = await control.serve(self.config.data_dir, self._control_request)
+        log.info("daemon started", user=self.user, device=self.device,
+                 supernodes=len(self.supernodes))  # fmt: skip
+        self._attach(time.time())
+
+    def _bootstrap_supernodes(self) -> list[Supernode]:
+        listing = self.store.bootstrap() or {}
+        found = []
+        for node in listing.get("nodes", []):
+            if "supernode" not in node.get("roles", []):
+                continue
+            for address in node.get("addresses", []):
+                if address.get("transport") == "udp":
+                    found.append(Supernode(node["node_id"], (address["host"], address["port"])))
+                    break
+        return found
+
+    # ----------------------------------------------------------------- attaching
+
+    def _attach(self, now: float) -> None:
+        assert self.identity is not None
+        fresh = [s for s in self.supernodes if self.avoid.get(s.node_id, 0) <= now]
+        if not fresh:
+            fresh = self.supernodes  # everything failed recently: try them all again
+        self.attempts = {}
+        for node in fresh[: self.config.probes]:
+            session = OutboundSession(self.identity, node.node_id, now, config=self.config.channel)
+            self.attempts[node.address] = (node, session)
+        self._pump(now)
+
+    def _established(self, node: Supernode, session: OutboundSession, now: float) -> None:
+        self.current = (node, session)
+        for address, (_other, attempt) in self.attempts.items():
+            if attempt is not session and attempt.established:
+                attempt.send({"t": "bye"}, now, reliable=False)
+                self._send_signal_packets(attempt, address, now)
+        self.attempts = {}
+        log.info("attached", supernode=node.node_id, address=node.address,
+                 rtt_ms=None if session.rtt is None else round(session.rtt * 1000, 1))  # fmt: skip
+        self._publish(now)
+
+    def _lost(self, reason: str, now: float) -> None:
+        if self.current is None:
+            return
+        node, _session = self.current
+        log.warning("supernode lost; re-attaching", supernode=node.node_id, reason=reason)
+        self.avoid[node.node_id] = now + self.config.avoid_failed_for
+        self.current = None
+        self.reflexive = None
+        self._attach(now)
+
+    def _publish(self, now: float) -> None:
+        if self.current is None or self.identity is None:
+            return
+        node, session = self.current
+        self._seq = max(self._seq + 1, int(now * 1000))
+        record = presence.make(
+            self.identity.key, self.identity.certificate, self.user, self.device,
+            {"node_id": node.node_id,
+             "addresses": [{"transport": "udp", "host": node.address[0], "port": node.address[1]}]},
+            self._seq, now + self.config.record_lifetime,
+        )  # fmt: skip
+        session.send({"t": "publish", "record": record}, now)
+        self._next_publish = now + self.config.republish_interval
+
+    # ----------------------------------------------------------------- network input
+
+    def received(self, kind: str, data: bytes, source: Address) -> None:
+        now = time.time()
+        if kind == "media":
+            if self.call is not None and self.call.media is not None:
+                self.call.media.receive_untrusted(data, source, now)
+            return
+        try:
+            packet = wire.decode_untrusted(data)
+        except wire.SessionPacketError:
+            self.counters["malformed"] += 1
+            return
+        session = self._session_for(source)
+        if session is None:
+            return
+        for message in session.receive_untrusted(packet, now):
+            self._message(message, now)
+        self._pump(now)
+
+    def socket_error(self, kind: str, exc: Exception) -> None:
+        if kind == "signal" and self.current is not None:
+            log.info("supernode unreachable", error=str(exc))
+            self._lost(f"network error: {exc}", time.time())
+            self._pump(time.time())
+
+    def _session_for(self, source: Address) -> OutboundSession | None:
+        if self.current is not None and self.current[0].address == source:
+            return self.current[1]
+        attempt = self.attempts.get(source)
+        return attempt[1] if attempt else None
+
+    def _message(self, message: dict[str, Any], now: float) -> None:
+        kind = message.get("t")
+        if kind == "welcome":
+            reflexive = message.get("reflexive")
+            if isinstance(reflexive, list) and len(reflexive) == 2:
+                self.reflexive = (str(reflexive[0]), int(reflexive[1]))
+        elif kind == "signal":
+            self._signal(message, now)
+        elif kind == "signal_error":
+            if self.call is not None and message.get("to") == self.call.call.peer:
+                self.call.call.unreachable(f"{message.get('to')} is offline or unknown", now)
+        elif kind == "error":
+            log.warning("supernode reported an error", message=message.get("message"))
+
+    # ----------------------------------------------------------------- calls
+
+    def _media_candidates(self) -> list[list[Any]]:
+        assert self._media_sock is not None
+        port = int(self._media_sock.get_extra_info("sockname")[1])
+        hosts = []
+        for addrs in psutil.net_if_addrs().values():
+            hosts += [a.address for a in addrs if a.family == socket.AF_INET]
+        hosts.sort(key=lambda h: h.startswith("127."))
+        return [[h, port] for h in dict.fromkeys(hosts)]
+
+    def _signal(self, message: dict[str, Any], now: float) -> None:
+        body, sender, device = message.get("body"), message.get("from"), message.get("from_device")
+        if not isinstance(body, dict) or not isinstance(sender, str) or not isinstance(device, str):
+            self.counters["malformed"] += 1
+            return
+        active = self.call
+        if active is not None and body.get("call_id") == active.call.call_id:
+            if active.call.peer_device in (None, device) or body.get("type") == "answer":
+                active.call.signal_untrusted(device, body, now)
+            return
+        if body.get("type") == "invite":
+            self._invite(sender, device, body, now)
+
+    def _invite(self, sender: str, device: str, body: dict[str, Any], now: float) -> None:
+        assert self.identity is not None
+        hello_id = handshake.hello_id(body.get("hello"))
+        if hello_id in self._seen_invites:
+            self.counters["replayed_invites"] += 1
+            return
+        self._seen_invites[hello_id] = now + 600
+        if self.call is not None and self.call.call.state is not CallState.ENDED:
+            busy = {"type": "reject", "reason": "busy", "call_id": body.get("call_id")}
+            self._send_signal(sender, device, busy, now)
+            return
+        try:
+            call, answer = Call.incoming_untrusted(
+                self.identity, self.user, sender, device, body, now, self.config.call
+            )
+        except handshake.HandshakeError as exc:
+            self.counters["forged_invites"] += 1
+            log.warning("invite refused", sender=sender, reason=str(exc))
+            return
+        source: FrameSource = (
+            wav.WavSource(self.config.play) if self.config.play else wav.SilenceSource()
+        )
+        sink = wav.WavSink(self.config.record) if self.config.record else None
+        self.call = ActiveCall(call, now, source, sink, None)
+        self._pending_answer = answer
+        log.info("incoming call", peer=sender, call=call.call_id)
+        if self.config.auto_answer:
+            self._accept(now)
+
+    def _accept(self, now: float) -> None:
+        if self.call is None or self.call.call.state is not CallState.INCOMING:
+            return
+        self.call.call.accept(self._pending_answer, {"candidates": self._media_candidates()}, now)
+
+    def place_call(
+        self, peer: str, play: Path | None, record: Path | None, duration: float | None
+    ) -> ActiveCall:
+        assert self.identity is not None
+        now = time.time()
+        if peer == self.user:
+            raise LocalError("you cannot call yourself")
+        if self.current is None:
+            raise LocalError("not connected to any supernode yet; try again in a moment")
+        if self.call is not None and self.call.call.state is not CallState.ENDED:
+            raise LocalError("a call is already in progress; hang it up first")
+        source: FrameSource = wav.WavSource(play) if play else wav.SilenceSource()
+        sink = wav.WavSink(record) if record else None
+        media = {"candidates": self._media_candidates()}
+        call = Call.place(self.identity, self.user, peer, media, now, self.config.call)
+        self.call = ActiveCall(call, now, source, sink, duration)
+        log.info("calling", peer=peer, call=call.call_id)
+        self._pump(now)
+        return self.call
+
+    def _call_progress(self, now: float) -> None:
+        active = self.call
+        if active is None:
+            return
+        call = active.call
+        for outgoing in call.outgoing_signals():
+            self._send_signal(outgoing.to, outgoing.to_device, outgoing.body, now)
+        if call.state is CallState.ACTIVE and active.media is None:
+            self._start_media(active, now)
+        if active.hangup_at is not None and now >= active.hangup_at:
+            call.hangup(now)
+            for outgoing in call.outgoing_signals():
+                self._send_signal(outgoing.to, outgoing.to_device, outgoing.body, now)
+        if call.state is CallState.ENDED and not active.finished:
+            self._finish(active)
+
+    def _start_media(self, active: ActiveCall, now: float) -> None:
+        call = active.call
+        assert call.keys is not None
+        candidates = []
+        for item in call.peer_media.get("candidates", []):
+            if isinstance(item, list) and len(item) == 2:
+                candidates.append((str(item[0]), int(item[1])))
+        active.media = MediaSession(call.keys, candidates, active.source, active.sink, now,
+                                    self.config.media)  # fmt: skip
+        if active.duration is not None:
+            active.hangup_at = now + active.duration
+        elif isinstance(active.source, wav.WavSource) and call.outgoing:
+            active.hangup_at = None  # hung up when the file has been played
+        self._notify(active, {"event": "connected", "peer": call.peer})
+        self._spawn(self._media_loop(active))
+
+    async def _media_loop(self, active: ActiveCall) -> None:
+        loop = asyncio.get_running_loop()
+        step = FRAME_MS / 1000.0
+        next_tick = loop.time()
+        while active.call.state is CallState.ACTIVE and active.media is not None:
+            now = time.time()
+            media = active.media
+            path = "direct"
+            if media.remote is not None and (not active.paths or active.paths[-1]["path"] != path):
+                active.paths.append(
+                    {"path": path, "at_ms": round((now - active.requested_at) * 1000)}
+                )
+            media.tick(now)
+            if self._media_sock is not None:
+                for data, address in media.datagrams():
+                    self._media_sock.sendto(data, address)
+            source = active.source
+            if (active.hangup_at is None and active.duration is None and active.call.outgoing
+                    and isinstance(source, wav.WavSource) and source.exhausted):  # fmt: skip
+                active.hangup_at = now + 0.5
+            self._pump(now)
+            next_tick += step
+            await asyncio.sleep(max(0.0, next_tick - loop.time()))
+
+    def _finish(self, active: ActiveCall) -> None:
+        active.finished = True
+        report = self.report(active)
+        if active.sink is not None:
+            active.sink.close()
+            report["recording"] = str(active.sink.path)
+        log.info("call ended", peer=active.call.peer, reason=active.call.end_reason,
+                 connected=report["connected"],
+                 jitter=active.media.jitter_stats if active.media else None)  # fmt: skip
+        self._notify(active, {"event": "ended", "report": report})
+        for queue in active.waiters:
+            queue.put_nowait({"event": "closed"})
+        active.waiters = []
+
+    def report(self, active: ActiveCall) -> dict[str, Any]:
+        call, media = active.call, active.media
+        first = media.first_audio_at if media else None
+        end = call.ended_at or time.time()
+        summary = media.summary() if media else {
+            "rtt_ms": None, "loss": 0.0, "jitter_ms": 0.0, "bytes_sent": 0, "bytes_received": 0
+        }  # fmt: skip
+        return {
+            "connected": call.connected_at is not None,
+            "peer": call.peer,
+            "path": active.paths[-1]["path"] if active.paths else None,
+            "paths": active.paths,
+            "setup_ms": None if first is None else round((first - active.requested_at) * 1000),
+            "duration_s": 0.0 if call.connected_at is None else round(end - call.connected_at, 2),
+            **summary,
+            "end_reason": call.end_reason,
+        }
+
+    def _notify(self, active: ActiveCall, event: dict[str, Any]) -> None:
+        for queue in active.waiters:
+            queue.put_nowait(event)
+
+    # ----------------------------------------------------------------- output and timers
+
+    def _send_signal(
+        self, to: str, to_device: str | None, body: dict[str, Any], now: float
+    ) -> None:
+        if self.current is None:
+            return
+        message = {"t": "signal", "id": next(self._signal_ids), "to": to, "body": body}
+        if to_device is not None:
+            message["to_device"] = to_device
+        self.current[1].send(message, now)
+
+    def _send_signal_packets(self, session: OutboundSession, address: Address, now: float) -> None:
+        if self._signal_sock is not None:
+            for data in session.datagrams(now):
+                self._signal_sock.sendto(data, address)
+
+    def _pump(self, now: float) -> None:
+        """Run every core's timers and send everything they produced; then re-arm the timer."""
+        for address, (node, session) in list(self.attempts.items()):
+            session.handle_timer(now)
+            self._send_signal_packets(session, address, now)
+            if session.established and self.current is None:
+                self._established(node, session, now)
+                break
+        if self.current is not None:
+            node, session = self.current
+            session.handle_timer(now)
+            if session.state is State.FAILED:
+                self._lost(session.failure, now)
+            else:
+                if now >= self._next_publish:
+                    self._publish(now)
+                self._call_tick(now)
+                self._send_signal_packets(session, node.address, now)
+        elif self.attempts and all(s.state is State.FAILED for _n, s in self.attempts.values()):
+            for node, _session in self.attempts.values():
+                self.avoid[node.node_id] = now + self.config.avoid_failed_for
+            self.attempts = {}
+            self._retry_at = now + 1.0
+        elif not self.attempts and now >= self._retry_at:
+            self._attach(now)
+            return
+        self._arm(now)
+
+    def _call_tick(self, now: float) -> None:
+        if self.call is not None:
+            self.call.call.handle_timer(now)
+            self._call_progress(now)
+
+    def _arm(self, now: float) -> None:
+        times = [s.next_timer() for _n, s in self.attempts.values()]
+        if self.current is not None:
+            times += [self.current[1].next_timer(), self._next_publish]
+        if self.call is not None:
+            times.append(self.call.call.next_timer())
+            if self.call.hangup_at is not None:
+                times.append(self.call.hangup_at)
+        if not self.current and not self.attempts:
+            times.append(max(self._retry_at, now + 0.2))
+        due = min(times, default=now + 1.0)
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = min(max(0.0, due - time.time()), 5.0)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._pump(time.time())
+
+    # ----------------------------------------------------------------- control API
+
+    def status(self) -> dict[str, Any]:
+        call = None
+        if self.call is not None:
+            call = {"peer": self.call.call.peer, "state": self.call.call.state.value,
+                    "call_id": self.call.call.call_id}  # fmt: skip
+        supernode = None
+        if self.current is not None:
+            node, _session = self.current
+            supernode = {"node_id": node.node_id, "address": list(node.address)}
+        return {
+            "user": self.user,
+            "device": self.device,
+            "supernode": supernode,
+            "transport": "udp" if self.current is not None else None,
+            "reflexive": list(self.reflexive) if self.reflexive else None,
+            "nat": None,
+            "call": call,
+        }
+
+    async def _control_request(self, request: dict[str, Any], reply: control.Reply) -> None:
+        op = request.get("op")
+        try:
+            if op == "status":
+                await reply({"ok": True, **self.status()})
+            elif op == "call":
+                await self._control_call(request, reply)
+            elif op in ("hangup", "answer"):
+                await reply(self._control_hangup_or_answer(str(op)))
+            elif op == "shutdown":
+                await reply({"ok": True})
+                self._stop.set()
+            else:
+                await reply({"ok": False, "error": f"unknown op {op!r}"})
+        except LocalError as exc:
+            await reply({"ok": False, "error": str(exc)})
+
+    def _control_hangup_or_answer(self, op: str) -> dict[str, Any]:
+        now = time.time()
+        if self.call is None or self.call.call.state is CallState.ENDED:
+            return {"ok": False, "error": "there is no call"}
+        if op == "answer":
+            self._accept(now)
+        else:
+            self.call.call.hangup(now)
+        self._pump(now)
+        return {"ok": True, "state": self.call.call.state.value}
+
+    async def _control_call(self, request: dict[str, Any], reply: control.Reply) -> None:
+        peer = request.get("user")
+        if not isinstance(peer, str):
+            await reply({"ok": False, "error": "call needs a user name"})
+            return
+        play = Path(request["play"]) if request.get("play") else self.config.play
+        record = Path(request["record"]) if request.get("record") else None
+        duration = request.get("duration")
+        duration = float(duration) if isinstance(duration, int | float) else None
+        if play is not None:
+            wav.read_wav(play)  # a wrong file is the caller's error, before any ringing
+        active = self.place_call(peer, play, record, duration)
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        active.waiters.append(queue)
+        await reply({"ok": True, "event": "calling", "call_id": active.call.call_id})
+        while True:
+            event = await queue.get()
+            if event.get("event") == "closed":
+                return
+            await reply(event)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        now = time.time()
+        if self.call is not None and self.call.call.state is not CallState.ENDED:
+            self.call.call.hangup(now)
+            self._call_progress(now)
+        if self.current is not None:
+            node, session = self.current
+            session.send({"t": "bye"}, now, reliable=False)
+            self._send_signal_packets(session, node.address, now)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._control.close()
+        with contextlib.suppress(FileNotFoundError):
+            control.socket_path(self.config.data_dir).unlink()
+        for sock in (self._signal_sock, self._media_sock):
+            if sock is not None:
+                sock.close()
+        log.info("daemon stopped")

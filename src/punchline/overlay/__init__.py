@@ -1,0 +1,1 @@
+"""The global index of who is online, shared by all supernodes."""

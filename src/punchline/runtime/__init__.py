@@ -1,0 +1,1 @@
+"""asyncio adapters that move bytes between sockets and the sans-I/O cores."""

@@ -1,0 +1,1 @@
+"""Authenticated, encrypted sessions: client ↔ supernode and supernode ↔ supernode."""

@@ -1,0 +1,1 @@
+"""Supernodes: attach clients, answer STUN, keep presence in the global index, route signaling."""

@@ -1,0 +1,439 @@
+"""The supernode's protocol core: sessions, presence, lookups and signal routing, without I/O.
+
+Driven like every punchline core: `receive(data, route, now)` for each datagram or TCP frame,
+`handle_timer(now)` when `next_timer()` says, then `datagrams()` to send and `actions()` for the
+index operations the adapter must run (`lookup_done` feeds their results back).
+
+A `route` names where bytes came from and where answers go: ("udp", (host, port)) or
+("tcp:N", (host, port)) for the N-th TCP/TLS connection. Clients are found by session id, not
+by address, so a client whose NAT mapping changed keeps its session.
+
+Trust: every presence record is verified before it is stored or served; a client may only
+publish its own records naming this supernode; only supernodes may hand signals over to
+another supernode. Signal bodies are end-to-end material this node does not open.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from cryptography import x509
+
+from punchline.crypto import handshake
+from punchline.identity.certs import Role
+from punchline.session.channel import ChannelConfig, SecureChannel
+from punchline.session.outbound import Identity, OutboundSession
+from punchline.wire import presence
+from punchline.wire import session as wire
+
+log = structlog.get_logger(component="supernode")
+
+Route = tuple[str, tuple[str, int]]
+MAX_MESSAGE_FIELD = 16_384
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    # A session with nothing heard for this long is dropped (clients ping every 1.5 s).
+    session_timeout: float = 20.0
+    # A HELLO seen again within this time gets the same WELCOME (the first one was lost).
+    hello_cache_seconds: float = 30.0
+    channel: ChannelConfig = field(default_factory=lambda: ChannelConfig(ping_interval=None))
+    link_channel: ChannelConfig = field(default_factory=ChannelConfig)
+
+
+@dataclass
+class Session:
+    peer: handshake.Peer
+    channel: SecureChannel
+    route: Route
+    device: str | None = None
+    record: dict[str, Any] | None = None
+
+    @property
+    def subject(self) -> str:
+        return self.peer.info.subject
+
+    @property
+    def is_supernode(self) -> bool:
+        return Role.SUPERNODE in self.peer.info.roles
+
+
+@dataclass
+class Link:
+    """This supernode's own session to another supernode, for handing signals over."""
+
+    node_id: str
+    route: Route
+    session: OutboundSession
+
+
+@dataclass(frozen=True)
+class Publish:
+    user: str
+    device: str
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Lookup:
+    ref: int
+    user: str
+
+
+Action = Publish | Lookup
+
+
+@dataclass
+class _PendingLookup:
+    kind: str  # "lookup" (answer the client) or "route" (deliver a signal)
+    session_id: bytes
+    request: dict[str, Any]
+
+
+class SupernodeCore:
+    def __init__(
+        self,
+        identity: Identity,
+        node_id: str,
+        now: float,
+        config: CoreConfig | None = None,
+        stun: Callable[[bytes, Route], bytes | None] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.node_id = node_id
+        self.config = config or CoreConfig()
+        self._stun = stun
+        self.sessions: dict[bytes, Session] = {}
+        self.by_user: dict[str, dict[str, Session]] = {}
+        self.links: dict[str, Link] = {}
+        self._hellos: dict[bytes, tuple[bytes, float]] = {}
+        self._pending: dict[int, _PendingLookup] = {}
+        self._refs = itertools.count(1)
+        self._out: list[tuple[bytes, Route]] = []
+        self._actions: list[Action] = []
+        self.counters: dict[str, int] = {
+            "malformed": 0, "refused_hello": 0, "sessions_opened": 0, "sessions_closed": 0,
+            "unknown_session": 0, "bad_record": 0, "signals_routed": 0, "signals_undeliverable": 0,
+            "stun": 0, "forbidden": 0,
+        }  # fmt: skip
+        self.started = now
+
+    @property
+    def ca(self) -> x509.Certificate:
+        return self.identity.ca
+
+    # ----------------------------------------------------------------- input
+
+    def receive(self, data: bytes, route: Route, now: float) -> None:
+        if self._stun is not None and data[:1] in (b"\x00", b"\x01"):
+            answer = self._stun(data, route)
+            self.counters["stun"] += 1
+            if answer is not None:
+                self._out.append((answer, route))
+            return
+        try:
+            packet = wire.decode_untrusted(data)
+        except wire.SessionPacketError:
+            self.counters["malformed"] += 1
+            return
+        if isinstance(packet, wire.Hello):
+            self._hello(packet, data, route, now)
+        elif isinstance(packet, wire.Sealed):
+            self._sealed(packet, route, now)
+        else:
+            self._link_packet(packet, route, now)
+
+    def _hello(self, packet: wire.Hello, raw: bytes, route: Route, now: float) -> None:
+        cached = self._hellos.get(raw)
+        if cached is not None:
+            self._out.append((cached[0], route))
+            return
+        try:
+            peer, keys, answer = handshake.answer_untrusted(
+                packet.hello, self.identity.key, self.identity.certificate, self.ca,
+                "session", self.node_id, now, None,
+            )  # fmt: skip
+        except handshake.HandshakeError as exc:
+            self.counters["refused_hello"] += 1
+            log.info("session refused", route=route[1], reason=str(exc))
+            self._out.append((wire.encode_refused(str(exc)), route))
+            return
+        if not peer.info.roles & {Role.USER, Role.SUPERNODE}:
+            self.counters["refused_hello"] += 1
+            self._out.append((wire.encode_refused("only users and supernodes attach"), route))
+            return
+        session = Session(peer, SecureChannel(keys, now, self.config.channel), route)
+        self.sessions[keys.session_id] = session
+        welcome = wire.encode_welcome(answer)
+        self._hellos[raw] = (welcome, now + self.config.hello_cache_seconds)
+        self._out.append((welcome, route))
+        session.channel.send(
+            {"t": "welcome", "node_id": self.node_id, "reflexive": list(route[1])}, now
+        )
+        self.counters["sessions_opened"] += 1
+        log.info("session opened", subject=session.subject, route=route[1])
+
+    def _sealed(self, packet: wire.Sealed, route: Route, now: float) -> None:
+        session = self.sessions.get(packet.session_id)
+        if session is None:
+            for link in self.links.values():
+                channel = link.session.channel
+                if channel is not None and channel.session_id == packet.session_id:
+                    for message in link.session.receive_untrusted(packet, now):
+                        self._from_link(link, message, now)
+                    return
+            self.counters["unknown_session"] += 1
+            return
+        messages = session.channel.receive_untrusted(packet, now)
+        if messages and session.route != route:
+            log.info("client address changed", subject=session.subject, route=route[1])
+            session.route = route  # authenticated: follow the client to its new address
+        for message in messages:
+            self._message(session, message, now)
+
+    def _link_packet(self, packet: wire.Packet, route: Route, now: float) -> None:
+        for link in self.links.values():
+            if link.route == route:
+                link.session.receive_untrusted(packet, now)
+                return
+        self.counters["malformed"] += 1
+
+    # ----------------------------------------------------------------- client messages
+
+    def _message(self, session: Session, message: dict[str, Any], now: float) -> None:
+        kind = message.get("t")
+        if kind == "ping":
+            return
+        if kind == "publish":
+            self._publish(session, message.get("record"), now)
+        elif kind == "lookup":
+            self._lookup(session, "lookup", message)
+        elif kind == "signal":
+            self._signal(session, message, now)
+        elif kind == "deliver" and session.is_supernode:
+            self._deliver(message, now)
+        elif kind == "bye":
+            self._close(session, "said goodbye")
+        else:
+            self.counters["forbidden" if kind == "deliver" else "malformed"] += 1
+
+    def _publish(self, session: Session, record: object, now: float) -> None:
+        try:
+            checked = presence.verify_untrusted(record, self.ca, now, session.subject)
+        except presence.PresenceError as exc:
+            self.counters["bad_record"] += 1
+            session.channel.send({"t": "error", "message": str(exc)}, now)
+            return
+        if checked.supernode.get("node_id") != self.node_id:
+            self.counters["bad_record"] += 1
+            session.channel.send({"t": "error", "message": "record names another supernode"}, now)
+            return
+        assert isinstance(record, dict)
+        previous = session.device
+        if previous is not None and previous != checked.device:
+            self.by_user.get(session.subject, {}).pop(previous, None)
+        session.device, session.record = checked.device, record
+        self.by_user.setdefault(session.subject, {})[checked.device] = session
+        self._actions.append(Publish(session.subject, checked.device, record))
+
+    def _lookup(self, session: Session, kind: str, request: dict[str, Any]) -> None:
+        user = request.get("user") if kind == "lookup" else request.get("to")
+        if not isinstance(user, str) or not 0 < len(user) <= 64:
+            self.counters["malformed"] += 1
+            return
+        ref = next(self._refs)
+        self._pending[ref] = _PendingLookup(kind, session.channel.session_id, request)
+        self._actions.append(Lookup(ref, user))
+
+    def lookup_done(self, ref: int, records: list[dict[str, Any]], now: float) -> None:
+        pending = self._pending.pop(ref, None)
+        if pending is None:
+            return
+        user = pending.request.get("user") or pending.request.get("to")
+        valid = []
+        for record in records:
+            try:
+                valid.append((presence.verify_untrusted(record, self.ca, now, str(user)), record))
+            except presence.PresenceError:
+                self.counters["bad_record"] += 1
+        for local in self.by_user.get(str(user), {}).values():
+            if local.record is None:
+                continue
+            try:
+                checked = presence.verify_untrusted(local.record, self.ca, now, str(user))
+            except presence.PresenceError:
+                continue  # expired while the client stayed attached without republishing
+            valid.append((checked, local.record))
+        best = {p.device: (p, r) for p, r in sorted(valid, key=lambda pr: pr[0].seq)}
+        session = self.sessions.get(pending.session_id)
+        if pending.kind == "lookup":
+            if session is not None:
+                session.channel.send(
+                    {"t": "lookup_result", "id": pending.request.get("id"), "user": user,
+                     "records": [r for _p, r in best.values()]},
+                    now,
+                )  # fmt: skip
+            return
+        self._route(session, pending.request, [p for p, _r in best.values()], now)
+
+    # ----------------------------------------------------------------- signaling
+
+    def _signal(self, session: Session, message: dict[str, Any], now: float) -> None:
+        if session.device is None:
+            session.channel.send(
+                {"t": "signal_error", "ref": message.get("id"), "reason": "publish presence first"},
+                now,
+            )
+            return
+        if not isinstance(message.get("body"), dict):
+            self.counters["malformed"] += 1
+            return
+        # Devices attached here get the signal at once; the index is asked for the others.
+        local = self._local_targets(message, now)
+        envelope = self._envelope(session, message)
+        for target in local:
+            self._deliver_one(target, envelope, now)
+        message = {**message, "_delivered": [t.device for t in local]}
+        self._lookup(session, "route", message)
+
+    def _local_targets(self, message: dict[str, Any], now: float) -> list[presence.Presence]:
+        found = []
+        for device, local in self.by_user.get(str(message.get("to")), {}).items():
+            wanted = message.get("to_device")
+            if local.record is None or wanted not in (None, device):
+                continue
+            try:
+                found.append(presence.verify_untrusted(local.record, self.ca, now))
+            except presence.PresenceError:
+                continue
+        return found
+
+    @staticmethod
+    def _envelope(session: Session, message: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "t": "deliver", "from": session.subject, "from_device": session.device,
+            "to": message.get("to"), "body": message.get("body"),
+        }  # fmt: skip
+
+    def _route(
+        self,
+        session: Session | None,
+        message: dict[str, Any],
+        targets: list[presence.Presence],
+        now: float,
+    ) -> None:
+        if session is None:
+            return
+        to_device = message.get("to_device")
+        envelope = self._envelope(session, message)
+        already = message.get("_delivered", [])
+        delivered = len(already)
+        for target in targets:
+            if (to_device is not None and target.device != to_device) or target.device in already:
+                continue
+            delivered += self._deliver_one(target, envelope, now)
+        if delivered:
+            self.counters["signals_routed"] += 1
+            return
+        self.counters["signals_undeliverable"] += 1
+        session.channel.send(
+            {"t": "signal_error", "ref": message.get("id"), "to": message.get("to"),
+             "reason": "offline"},
+            now,
+        )  # fmt: skip
+
+    def _deliver_one(self, target: presence.Presence, envelope: dict[str, Any], now: float) -> int:
+        node_id = target.supernode.get("node_id")
+        if node_id == self.node_id:
+            local = self.by_user.get(target.user, {}).get(target.device)
+            if local is None:
+                return 0
+            local.channel.send(_signal_for(envelope), now)
+            return 1
+        route = _udp_route(target.supernode)
+        if not isinstance(node_id, str) or route is None:
+            return 0
+        link = self.links.get(node_id)
+        if link is None or link.session.state.value == "failed":
+            outbound = OutboundSession(self.identity, node_id, now, Role.SUPERNODE,
+                                       self.config.link_channel)  # fmt: skip
+            link = self.links[node_id] = Link(node_id, route, outbound)
+        link.session.send({**envelope, "to_device": target.device}, now)
+        return 1
+
+    def _deliver(self, envelope: dict[str, Any], now: float) -> None:
+        user, device = envelope.get("to"), envelope.get("to_device")
+        local = self.by_user.get(str(user), {}).get(str(device))
+        if local is None:
+            self.counters["signals_undeliverable"] += 1
+            return
+        local.channel.send(_signal_for(envelope), now)
+
+    def _from_link(self, link: Link, message: dict[str, Any], now: float) -> None:
+        # Links only carry our own deliveries out; nothing is expected back on them yet.
+        return
+
+    # ----------------------------------------------------------------- time and output
+
+    def _close(self, session: Session, why: str) -> None:
+        self.sessions.pop(session.channel.session_id, None)
+        if session.device is not None:
+            devices = self.by_user.get(session.subject, {})
+            if devices.get(session.device) is session:
+                del devices[session.device]
+            if not devices:
+                self.by_user.pop(session.subject, None)
+        self.counters["sessions_closed"] += 1
+        log.info("session closed", subject=session.subject, reason=why)
+
+    def handle_timer(self, now: float) -> None:
+        for session in list(self.sessions.values()):
+            if now - session.channel.last_heard > self.config.session_timeout:
+                self._close(session, "silent")
+            else:
+                session.channel.handle_timer(now)
+        for node_id, link in list(self.links.items()):
+            link.session.handle_timer(now)
+            if link.session.state.value == "failed":
+                log.info("supernode link failed", node=node_id, reason=link.session.failure)
+                del self.links[node_id]
+        self._hellos = {h: v for h, v in self._hellos.items() if v[1] > now}
+
+    def next_timer(self) -> float:
+        times = [s.channel.next_timer() for s in self.sessions.values()]
+        times += [
+            s.channel.last_heard + self.config.session_timeout for s in self.sessions.values()
+        ]
+        times += [link.session.next_timer() for link in self.links.values()]
+        return min(times, default=float("inf"))
+
+    def datagrams(self, now: float) -> list[tuple[bytes, Route]]:
+        out, self._out = self._out, []
+        for session in self.sessions.values():
+            out += [(d, session.route) for d in session.channel.datagrams(now)]
+        for link in self.links.values():
+            out += [(d, link.route) for d in link.session.datagrams(now)]
+        return out
+
+    def actions(self) -> list[Action]:
+        out, self._actions = self._actions, []
+        return out
+
+
+def _signal_for(envelope: dict[str, Any]) -> dict[str, Any]:
+    return {"t": "signal", "from": envelope.get("from"),
+            "from_device": envelope.get("from_device"), "body": envelope.get("body")}  # fmt: skip
+
+
+def _udp_route(supernode: dict[str, Any]) -> Route | None:
+    for address in supernode.get("addresses", []):
+        if isinstance(address, dict) and address.get("transport") == "udp":
+            host, port = address.get("host"), address.get("port")
+            if isinstance(host, str) and isinstance(port, int):
+                return ("udp", (host, port))
+    return None

@@ -1,0 +1,293 @@
+"""Runs a supernode: enrols, joins the DHT, serves UDP, TCP and TLS, heartbeats the login server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from punchline.client.store import IdentityStore
+from punchline.errors import LocalError
+from punchline.identity import certs, keys
+from punchline.node import enrolment
+from punchline.node.enrolment import NodeAddress
+from punchline.overlay.dht import DhtConfig, DhtIndex
+from punchline.overlay.index import PresenceIndex
+from punchline.runtime.driver import Driver
+from punchline.session.outbound import Identity
+from punchline.supernode.core import CoreConfig, Lookup, Publish, Route, SupernodeCore
+from punchline.util.files import atomic_write, private_dir
+from punchline.wire import session as wire
+
+log = structlog.get_logger(component="supernode")
+
+READY_FILE = "supernode.json"
+
+
+@dataclass(frozen=True)
+class SupernodeConfig:
+    data_dir: Path
+    listen_host: str
+    listen_port: int
+    auth_url: str
+    # Extra TCP ports that speak TLS with the node certificate (443 and 80 in production).
+    tcp_ports: tuple[int, ...] = ()
+    # The DHT node's UDP port; 0 picks one. Advertised in the bootstrap list.
+    dht_port: int = 0
+    dht_bootstrap: tuple[tuple[str, int], ...] = ()
+    enroll_secret: str | None = None
+    ca_fingerprint: str | None = None
+    # Address clients and other supernodes use; defaults to the listen address.
+    advertise_host: str | None = None
+    heartbeat_interval: float = 20.0
+    dht_unlimited_rate: bool = False
+    core: CoreConfig = field(default_factory=CoreConfig)
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, node: SupernodeServer) -> None:
+        self.node = node
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.node.received(data, ("udp", (addr[0], addr[1])))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp error", error=str(exc))
+
+
+class SupernodeServer:
+    def __init__(self, config: SupernodeConfig) -> None:
+        self.config = config
+        self.store = IdentityStore(config.data_dir)
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: dict[str, asyncio.StreamWriter] = {}
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._conn_ids = 0
+        self.index: PresenceIndex | None = None
+        self.core: SupernodeCore | None = None
+        self.driver: Driver | None = None
+
+    # ----------------------------------------------------------------- start-up
+
+    def _addresses(self, udp_port: int, dht_port: int) -> list[NodeAddress]:
+        host = self.config.advertise_host or self.config.listen_host
+        if host in ("0.0.0.0", ""):  # noqa: S104
+            host = "127.0.0.1"
+        found = [NodeAddress("udp", host, udp_port), NodeAddress("tcp", host, udp_port)]
+        found += [NodeAddress("tls", host, p) for p in self.config.tcp_ports]
+        found.append(NodeAddress("dht", host, dht_port))
+        return found
+
+    def _enrol(self, addresses: list[NodeAddress]) -> Identity:
+        now = time.time()
+        try:
+            identity = enrolment_identity(self.store, now)
+        except Exception:  # any problem with the stored identity: enrol afresh
+            identity = None
+        if identity is None:
+            if not self.config.enroll_secret:
+                raise LocalError(
+                    "this supernode is not enrolled yet: give the operator's secret with "
+                    "--enroll-secret or PUNCHLINE_ENROLL_SECRET"
+                )
+            enrolment.enroll(
+                self.store, self.config.auth_url, self.config.enroll_secret,
+                [certs.Role.SUPERNODE], addresses, self.config.ca_fingerprint,
+            )  # fmt: skip
+            identity = enrolment_identity(self.store, now)
+            assert identity is not None
+        return identity
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        private_dir(self.config.data_dir)
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Udp(self), local_addr=(self.config.listen_host, self.config.listen_port)
+        )
+        self._udp = transport
+        udp_port = int(transport.get_extra_info("sockname")[1])
+        dht = DhtIndex(
+            DhtConfig(
+                bind_host=self.config.listen_host,
+                port=self.config.dht_port,
+                bootstrap=self.config.dht_bootstrap,
+                unlimited_rate=self.config.dht_unlimited_rate,
+            )
+        )
+        self.index = dht
+        addresses = self._addresses(udp_port, dht.port)
+        identity = await asyncio.to_thread(self._enrol, addresses)
+        node_id = keys.key_id(identity.key.public_key())
+        self.core = SupernodeCore(identity, node_id, time.time(), self.config.core, self._stun())
+        self.driver = Driver(self.core, self._flush)
+        self._servers.append(
+            await asyncio.start_server(self._tcp_client, self.config.listen_host, udp_port)
+        )
+        tls = self._tls_context()
+        for port in self.config.tcp_ports:
+            self._servers.append(
+                await asyncio.start_server(self._tcp_client, self.config.listen_host, port, ssl=tls)
+            )
+        self._spawn(self._heartbeats(addresses))
+        ready = {
+            "node_id": node_id,
+            "pid": os.getpid(),
+            "udp": [a.host for a in addresses if a.transport == "udp"] + [udp_port],
+            "dht_port": dht.port,
+            "tls_ports": list(self.config.tcp_ports),
+        }
+        atomic_write(self.config.data_dir / READY_FILE, json.dumps(ready).encode(), 0o644)
+        log.info("supernode running", node=node_id, udp=udp_port, dht=dht.port,
+                 tls=list(self.config.tcp_ports))  # fmt: skip
+
+    def _stun(self) -> Any:
+        try:
+            from punchline.nat.stun_server import BindingResponder
+        except ImportError:
+            return None
+        responder = BindingResponder()
+
+        def answer(data: bytes, route: Route) -> bytes | None:
+            host, port = self._udp.get_extra_info("sockname")[:2] if self._udp else ("", 0)
+            return responder.handle_untrusted(data, route[1], (host, port))
+
+        return answer
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.store.cert_path, self.store.key_path)
+        return context
+
+    # ----------------------------------------------------------------- I/O
+
+    def received(self, data: bytes, route: Route) -> None:
+        if self.core is None or self.driver is None:
+            return
+        self.core.receive(data, route, time.time())
+        self.driver.poke()
+
+    def _flush(self, now: float) -> None:
+        assert self.core is not None
+        for data, route in self.core.datagrams(now):
+            if route[0] == "udp":
+                if self._udp is not None:
+                    self._udp.sendto(data, route[1])
+            else:
+                writer = self._tcp.get(route[0])
+                if writer is not None and not writer.is_closing():
+                    writer.write(wire.frame(data))
+        for action in self.core.actions():
+            if isinstance(action, Publish):
+                self._spawn(self._publish(action))
+            elif isinstance(action, Lookup):
+                self._spawn(self._lookup(action))
+
+    async def _publish(self, action: Publish) -> None:
+        assert self.index is not None
+        try:
+            await self.index.publish(action.user, action.device, action.record)
+        except Exception as exc:  # the DHT failing must not kill the node
+            log.warning("index publish failed", user=action.user, error=str(exc))
+
+    async def _lookup(self, action: Lookup) -> None:
+        assert self.index is not None
+        assert self.core is not None
+        assert self.driver is not None
+        try:
+            records = await self.index.lookup(action.user)
+        except Exception as exc:
+            log.warning("index lookup failed", user=action.user, error=str(exc))
+            records = []
+        self.core.lookup_done(action.ref, records, time.time())
+        self.driver.poke()
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._conn_ids += 1
+        name = f"tcp:{self._conn_ids}"
+        peer = writer.get_extra_info("peername")
+        route: Route = (name, (str(peer[0]), int(peer[1])))
+        self._tcp[name] = writer
+        decoder = wire.FrameDecoder()
+        try:
+            while data := await reader.read(65536):
+                for frame in decoder.feed(data):
+                    self.received(frame, route)
+        except (ConnectionError, wire.SessionPacketError, ssl.SSLError) as exc:
+            log.info("tcp client dropped", peer=route[1], reason=str(exc))
+        finally:
+            self._tcp.pop(name, None)
+            writer.close()
+
+    async def _heartbeats(self, addresses: list[NodeAddress]) -> None:
+        while True:
+            try:
+                listing = await asyncio.to_thread(enrolment.heartbeat, self.store, addresses)
+                self._bootstrap_dht(listing)
+            except Exception as exc:  # the login server may be away
+                log.warning("heartbeat failed", error=str(exc))
+            await asyncio.sleep(self.config.heartbeat_interval)
+
+    def _bootstrap_dht(self, listing: dict[str, Any]) -> None:
+        if not isinstance(self.index, DhtIndex) or self.core is None:
+            return
+        for node in listing.get("nodes", []):
+            if node.get("node_id") == self.core.node_id:
+                continue
+            for address in node.get("addresses", []):
+                if address.get("transport") == "dht":
+                    self.index.bootstrap(str(address["host"]), int(address["port"]))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for server in self._servers:
+            server.close()
+        if self._udp is not None:
+            self._udp.close()
+        if self.driver is not None:
+            self.driver.stop()
+        if self.index is not None:
+            await self.index.close()
+        (self.config.data_dir / READY_FILE).unlink(missing_ok=True)
+
+
+def enrolment_identity(store: IdentityStore, now: float) -> Identity | None:
+    """The node identity in the data dir if its certificate is valid for a while yet."""
+    ca = store.pinned_ca()
+    if ca is None or not store.cert_path.exists():
+        return None
+    cert = store.certificate()
+    info = certs.verify(cert, ca, now, certs.Role.SUPERNODE)
+    if info.not_after - now < info.lifetime / 3:
+        return None
+    return Identity(store.key(), cert, ca)
+
+
+async def run(config: SupernodeConfig) -> None:
+    server = SupernodeServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("supernode stopping")
+        with contextlib.suppress(Exception):
+            await server.stop()

@@ -1,0 +1,155 @@
+"""A whole punchline network of real processes on loopback, for end-to-end tests and the demo.
+
+Login server, supernodes (each with its OpenDHT node) and user daemons are separate
+processes started with the real command line and killed for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from punchline.auth import launcher
+from punchline.client import account, control
+from punchline.client.store import IdentityStore
+
+SECRET = "e2e-enrolment-secret"
+
+
+def _wait_for(check: Any, timeout: float, what: str, process: subprocess.Popen[bytes]) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready after {timeout} s")
+
+
+@dataclass
+class Proc:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class Supernode(Proc):
+    node_id: str = ""
+    dht_port: int = 0
+    udp_port: int = 0
+
+
+@dataclass
+class Network:
+    root: Path
+    auth: launcher.AuthProcess | None = None
+    supernodes: list[Supernode] = field(default_factory=list)
+    daemons: dict[str, Proc] = field(default_factory=dict)
+
+    def start_auth(self) -> None:
+        self.auth = launcher.start(self.root / "auth", extra_args=["--enroll-secret", SECRET])
+
+    def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
+        log = self.root / f"{name}.log"
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "punchline", *args], stdout=out, stderr=subprocess.STDOUT
+            )
+        return process, log
+
+    def start_supernode(self) -> Supernode:
+        assert self.auth is not None
+        name = f"sn{len(self.supernodes) + 1}"
+        data = self.root / name
+        args = ["supernode", "--data", str(data), "--listen", "127.0.0.1:0", "--auth",
+                self.auth.url, "--enroll-secret", SECRET, "--loopback-lab"]  # fmt: skip
+        for other in self.supernodes:
+            args += ["--bootstrap", f"127.0.0.1:{other.dht_port}"]
+        process, log = self._spawn(name, args)
+        ready_file = data / "supernode.json"
+
+        def ready() -> dict[str, Any] | None:
+            try:
+                value = json.loads(ready_file.read_text())
+            except (OSError, ValueError):
+                return None
+            return value if value.get("pid") == process.pid else None
+
+        info = _wait_for(ready, 30, name, process)
+        node = Supernode(name, process, log, info["node_id"], info["dht_port"], info["udp"][1])
+        self.supernodes.append(node)
+        return node
+
+    def signup(self, user: str) -> Path:
+        assert self.auth is not None
+        data = self.root / user
+        account.signup(IdentityStore(data), self.auth.url, user, f"{user}-password-1")
+        return data
+
+    def start_daemon(self, user: str, *extra: str) -> Proc:
+        data = self.root / user
+        process, log = self._spawn(user, ["up", "--data", str(data), *extra])
+        proc = Proc(user, process, log)
+        self.daemons[user] = proc
+        _wait_for(lambda: self.status(user).get("supernode"), 30, f"daemon {user}", process)
+        return proc
+
+    def status(self, user: str) -> dict[str, Any]:
+        """The daemon's status over its control socket, in-process: cheap enough to poll."""
+
+        async def ask() -> dict[str, Any]:
+            async for reply in control.request(self.root / user, {"op": "status"}):
+                return reply
+            return {}
+
+        try:
+            return asyncio.run(ask())
+        except (control.DaemonNotRunning, OSError):
+            return {}
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "punchline", *args],
+            capture_output=True, text=True, check=False, timeout=timeout,
+        )  # fmt: skip
+
+    def supernode_of(self, user: str) -> Supernode:
+        node_id = self.status(user)["supernode"]["node_id"]
+        return next(s for s in self.supernodes if s.node_id == node_id)
+
+    def stop(self) -> None:
+        for proc in [*self.daemons.values(), *self.supernodes]:
+            proc.stop()
+        if self.auth is not None:
+            self.auth.stop()
+
+    def logs(self) -> str:
+        parts = [f"--- {p.name}\n{p.tail()}" for p in [*self.supernodes, *self.daemons.values()]]
+        return "\n".join(parts)
