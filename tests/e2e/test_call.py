@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from punchline.lab.loopback import Network
 from punchline.voice import quality, wav
-from tests.e2e.network import Network
 
 REPORT_FIELDS = {"connected", "peer", "path", "paths", "setup_ms", "duration_s", "rtt_ms", "loss",
                  "jitter_ms", "bytes_sent", "bytes_received"}  # fmt: skip

@@ -11,8 +11,14 @@ from punchline.identity import certs
 from tests.e2e.cli import ok_json
 
 
-def test_demo_issues_two_certificates() -> None:
+def test_demo_runs_a_network_and_a_call() -> None:
     report = ok_json("demo")
+    assert len(report["supernodes"]) == 2
+    call = report["call"]
+    assert call["connected"] is True
+    assert call["path"] == "direct"
+    assert report["pesq_wb"] >= 3.8
+    assert Path(report["recording"]).exists()
     users = report["users"]
     assert [u["subject"] for u in users] == ["alice", "bob"]
     for user in users:

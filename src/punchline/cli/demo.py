@@ -1,14 +1,15 @@
-"""`punchline demo`: a whole (for now: login-server-sized) network on this machine.
+"""`punchline demo`: a whole network on this machine and a real call through it.
 
-It starts a real login server process, signs up two users with real keys, prints their
-certificates, then stops the server and shows that the certificates still verify offline,
-which is the property the rest of the system is built on. Later issues grow this into a call.
+A login server, two supernodes (each with its OpenDHT node) and two users' daemons run as
+separate processes on loopback. The users sign up with fresh keys; their certificates are
+shown and verified offline; then alice calls bob by name and plays a speech sample that
+punchline ships, bob's daemon answers and records, and the demo prints the call report, the
+recording's path and its wideband PESQ score against the original.
 """
 
 from __future__ import annotations
 
-import secrets
-import shutil
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -19,11 +20,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from punchline import environment
-from punchline.auth import launcher
 from punchline.cli.options import Json, emit_json
 from punchline.client import account
 from punchline.client.store import IdentityStore
+from punchline.errors import RemoteError
 from punchline.identity import certs
+from punchline.lab.loopback import Network
 
 USERS = ("alice", "bob")
 
@@ -54,32 +56,8 @@ def _tamper(cert: x509.Certificate, ca: x509.Certificate) -> str:
     return "accepted (this would be a bug)"
 
 
-def demo(
-    as_json: Json = False,
-    workdir: Annotated[
-        Path | None, typer.Option("--workdir", help="Keep all state here instead of a temp dir.")
-    ] = None,
-) -> None:
-    """Start a login server, sign up two users and show their certificates."""
-    environment.require_opendht()
-
-    def say(message: str) -> None:
-        if not as_json:
-            typer.echo(message)
-
-    root = workdir or Path(tempfile.mkdtemp(prefix="punchline-demo-"))
-    say(f"[1/4] starting the login server (state in {root})")
-    server = launcher.start(root / "auth")
-    report: dict[str, Any] = {"auth_url": server.url, "ca_fingerprint": server.ca_fingerprint}
-    try:
-        say(f"      listening on {server.url}, CA fingerprint {server.ca_fingerprint}")
-        stores = [IdentityStore(root / user) for user in USERS]
-        for user, store in zip(USERS, stores, strict=True):
-            say(f"[2/4] signing up {user}")
-            account.signup(store, server.url, user, secrets.token_urlsafe(16))
-    finally:
-        say("[3/4] stopping the login server: from here on, everything is offline")
-        server.stop()
+def _certificates(net: Network) -> tuple[list[dict[str, Any]], str]:
+    stores = [IdentityStore(net.root / user) for user in USERS]
     ca = stores[0].pinned_ca()
     assert ca is not None
     users = [
@@ -89,25 +67,96 @@ def demo(
         }
         for s in stores
     ]
-    report["users"] = users
-    report["tampered_copy"] = _tamper(stores[0].certificate(), ca)
-    say("[4/4] certificates, verified offline against the pinned CA:")
+    return users, _tamper(stores[0].certificate(), ca)
+
+
+def _call(net: Network, recording: Path) -> dict[str, Any]:
+    from punchline.voice import wav
+
+    result = net.cli("call", "bob", "--data", str(net.root / "alice"), "--play",
+                     str(wav.speech_sample()), "--json", timeout=120)  # fmt: skip
+    if result.returncode != 0:
+        raise RemoteError(f"the call failed: {result.stderr.strip()}\n{net.logs()}")
+    report: dict[str, Any] = json.loads(result.stdout)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # bob writes the file when he sees the hang-up
+        if recording.exists() and (net.status("bob").get("call") or {}).get("state") != "active":
+            break
+        time.sleep(0.1)
+    return report
+
+
+def _pesq(recording: Path) -> float:
+    from punchline.voice import quality, wav
+
+    return round(quality.pesq_wb(wav.read_wav(wav.speech_sample()), wav.read_wav(recording)), 2)
+
+
+def demo(
+    as_json: Json = False,
+    workdir: Annotated[
+        Path | None, typer.Option("--workdir", help="Keep all state here instead of a temp dir.")
+    ] = None,
+) -> None:
+    """Run a login server, two supernodes and two users on loopback, and a call between them."""
+    environment.require_opendht()
+
+    def say(message: str) -> None:
+        if not as_json:
+            typer.echo(message)
+
+    root = workdir or Path(tempfile.mkdtemp(prefix="punchline-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    net = Network(root)
+    recording = root / "bob-recording.wav"
+    try:
+        say(f"[1/6] login server (state and logs in {root})")
+        net.start_auth()
+        assert net.auth is not None
+        say(f"      {net.auth.url}  CA {net.auth.ca_fingerprint}")
+        for _ in range(2):
+            node = net.start_supernode()
+            say(f"[2/6] supernode {node.node_id} on udp/tcp 127.0.0.1:{node.udp_port}, "
+                f"DHT node on {node.dht_port}")  # fmt: skip
+        for user in USERS:
+            say(f"[3/6] signing up {user}")
+            net.signup(user)
+        users, tampered = _certificates(net)
+        net.start_daemon("bob", "--auto-answer", "--record", str(recording))
+        net.start_daemon("alice")
+        for user in USERS:
+            where = net.status(user).get("supernode") or {}
+            say(f"[4/6] {user} is online via supernode {where.get('node_id')}")
+        say("[5/6] alice calls bob and plays a speech sample; bob answers and records")
+        report = _call(net, recording)
+    finally:
+        net.stop()
+    score = _pesq(recording) if recording.exists() else None
+    result = {
+        "auth_url": net.auth.url if net.auth else None,
+        "ca_fingerprint": net.auth.ca_fingerprint if net.auth else None,
+        "users": users,
+        "tampered_copy": tampered,
+        "supernodes": [s.node_id for s in net.supernodes],
+        "call": report,
+        "recording": str(recording),
+        "pesq_wb": score,
+        "workdir": str(root),
+    }
     if as_json:
-        emit_json(report)
-    else:
-        for entry in users:
-            roles = ",".join(entry["roles"])
-            typer.echo(
-                f"\n  {entry['subject']}: roles={roles} serial={entry['serial']}\n"
-                f"    valid {entry['not_before']} .. {entry['not_after']}\n"
-                f"    issuer {entry['issuer']}\n    key {entry['key_fingerprint']}\n"
-            )
-            typer.echo("    " + entry["pem"].strip().replace("\n", "\n    "))
-        typer.echo(
-            f"\n  a copy of alice's certificate with one byte changed: {report['tampered_copy']}"
-        )
-    if workdir is None:
-        shutil.rmtree(root, ignore_errors=True)
+        emit_json(result)
+        return
+    say("[6/6] done\n")
+    for entry in users:
+        validity = f"{entry['not_before']} .. {entry['not_after']}"
+        typer.echo(f"  certificate of {entry['subject']}: serial {entry['serial']}, "
+                   f"valid {validity}, verified offline")  # fmt: skip
+    typer.echo(f"  a copy of alice's certificate with one byte changed: {tampered}\n")
+    typer.echo("  call report:")
+    for key, value in report.items():
+        typer.echo(f"    {key:<15} {value}")
+    typer.echo(f"\n  bob's recording: {recording}")
+    typer.echo(f"  PESQ-WB of the recording against the original: {score}")
 
 
 def doctor(as_json: Json = False) -> None:

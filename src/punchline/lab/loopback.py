@@ -1,7 +1,7 @@
-"""A whole punchline network of real processes on loopback, for end-to-end tests and the demo.
+"""A whole punchline network of real processes on loopback, for the demo and end-to-end tests.
 
 Login server, supernodes (each with its OpenDHT node) and user daemons are separate
-processes started with the real command line and killed for real.
+processes started with the real command line and killed for real; nothing is simulated.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,8 +21,11 @@ from typing import Any
 from punchline.auth import launcher
 from punchline.client import account, control
 from punchline.client.store import IdentityStore
+from punchline.errors import LocalError
 
-SECRET = "e2e-enrolment-secret"
+
+class NotReady(LocalError):
+    """A process of the network exited or did not become ready in time."""
 
 
 def _wait_for(check: Any, timeout: float, what: str, process: subprocess.Popen[bytes]) -> Any:
@@ -31,9 +35,9 @@ def _wait_for(check: Any, timeout: float, what: str, process: subprocess.Popen[b
         if value:
             return value
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}")
+            raise NotReady(f"{what} exited with status {process.returncode}")
         time.sleep(0.05)
-    raise TimeoutError(f"{what} not ready after {timeout} s")
+    raise NotReady(f"{what} not ready after {timeout} s")
 
 
 @dataclass
@@ -72,9 +76,11 @@ class Network:
     auth: launcher.AuthProcess | None = None
     supernodes: list[Supernode] = field(default_factory=list)
     daemons: dict[str, Proc] = field(default_factory=dict)
+    # The operator's enrolment secret of this throw-away network.
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(16))
 
     def start_auth(self) -> None:
-        self.auth = launcher.start(self.root / "auth", extra_args=["--enroll-secret", SECRET])
+        self.auth = launcher.start(self.root / "auth", extra_args=["--enroll-secret", self.secret])
 
     def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.root / f"{name}.log"
@@ -89,7 +95,7 @@ class Network:
         name = f"sn{len(self.supernodes) + 1}"
         data = self.root / name
         args = ["supernode", "--data", str(data), "--listen", "127.0.0.1:0", "--auth",
-                self.auth.url, "--enroll-secret", SECRET, "--loopback-lab"]  # fmt: skip
+                self.auth.url, "--enroll-secret", self.secret, "--loopback-lab"]  # fmt: skip
         for other in self.supernodes:
             args += ["--bootstrap", f"127.0.0.1:{other.dht_port}"]
         process, log = self._spawn(name, args)
@@ -107,11 +113,10 @@ class Network:
         self.supernodes.append(node)
         return node
 
-    def signup(self, user: str) -> Path:
+    def signup(self, user: str) -> account.Identity:
         assert self.auth is not None
-        data = self.root / user
-        account.signup(IdentityStore(data), self.auth.url, user, f"{user}-password-1")
-        return data
+        password = secrets.token_urlsafe(16)
+        return account.signup(IdentityStore(self.root / user), self.auth.url, user, password)
 
     def start_daemon(self, user: str, *extra: str) -> Proc:
         data = self.root / user

@@ -1,0 +1,1 @@
+"""Whole punchline networks on one machine: for the demo, the tests and operators' trials."""
