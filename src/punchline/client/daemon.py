@@ -17,8 +17,9 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import psutil
 import structlog
 
@@ -58,6 +59,12 @@ class DaemonConfig:
     media: MediaConfig = field(default_factory=MediaConfig)
 
 
+class Sink(Protocol):
+    def write(self, frame: np.ndarray) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class Supernode:
     node_id: str
@@ -69,7 +76,7 @@ class ActiveCall:
     call: Call
     requested_at: float
     source: FrameSource
-    sink: wav.WavSink | None
+    sink: Sink | None
     duration: float | None
     waiters: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list)
     media: MediaSession | None = None
@@ -301,15 +308,29 @@ class Daemon:
             self.counters["forged_invites"] += 1
             log.warning("invite refused", sender=sender, reason=str(exc))
             return
-        source: FrameSource = (
-            wav.WavSource(self.config.play) if self.config.play else wav.SilenceSource()
-        )
-        sink = wav.WavSink(self.config.record) if self.config.record else None
+        source, sink = self._audio(self.config.play, self.config.record)
         self.call = ActiveCall(call, now, source, sink, None)
         self._pending_answer = answer
         log.info("incoming call", peer=sender, call=call.call_id)
         if self.config.auto_answer:
             self._accept(now)
+
+    def _audio(self, play: Path | None, record: Path | None) -> tuple[FrameSource, Sink | None]:
+        """WAV files when given, else the sound card, else silence (a server has no card)."""
+        from punchline.voice import devices
+
+        source: FrameSource
+        sink: Sink | None = None
+        try:
+            source = wav.WavSource(play) if play else devices.MicrophoneSource()
+        except devices.DeviceUnavailable as exc:
+            log.warning("no microphone: sending silence", reason=str(exc))
+            source = wav.SilenceSource()
+        try:
+            sink = wav.WavSink(record) if record else devices.SpeakerSink()
+        except devices.DeviceUnavailable as exc:
+            log.warning("no speaker: the peer's audio is not played", reason=str(exc))
+        return source, sink
 
     def _accept(self, now: float) -> None:
         if self.call is None or self.call.call.state is not CallState.INCOMING:
@@ -327,8 +348,7 @@ class Daemon:
             raise LocalError("not connected to any supernode yet; try again in a moment")
         if self.call is not None and self.call.call.state is not CallState.ENDED:
             raise LocalError("a call is already in progress; hang it up first")
-        source: FrameSource = wav.WavSource(play) if play else wav.SilenceSource()
-        sink = wav.WavSink(record) if record else None
+        source, sink = self._audio(play, self.config.record if record is None else record)
         media = {"candidates": self._media_candidates()}
         call = Call.place(self.identity, self.user, peer, media, now, self.config.call)
         self.call = ActiveCall(call, now, source, sink, duration)
@@ -397,7 +417,11 @@ class Daemon:
         report = self.report(active)
         if active.sink is not None:
             active.sink.close()
-            report["recording"] = str(active.sink.path)
+            if isinstance(active.sink, wav.WavSink):
+                report["recording"] = str(active.sink.path)
+        close = getattr(active.source, "close", None)
+        if close is not None:
+            close()
         log.info("call ended", peer=active.call.peer, reason=active.call.end_reason,
                  connected=report["connected"],
                  jitter=active.media.jitter_stats if active.media else None)  # fmt: skip
