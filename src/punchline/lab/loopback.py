@@ -90,7 +90,7 @@ class Network:
             )
         return process, log
 
-    def start_supernode(self) -> Supernode:
+    def start_supernode(self, *extra: str) -> Supernode:
         assert self.auth is not None
         name = f"sn{len(self.supernodes) + 1}"
         data = self.root / name
@@ -98,6 +98,7 @@ class Network:
                 self.auth.url, "--enroll-secret", self.secret, "--loopback-lab"]  # fmt: skip
         for other in self.supernodes:
             args += ["--bootstrap", f"127.0.0.1:{other.dht_port}"]
+        args += list(extra)
         process, log = self._spawn(name, args)
         ready_file = data / "supernode.json"
 
