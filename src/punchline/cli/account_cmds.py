@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from punchline.cli.options import DataDir, Json, emit_json, read_password, store
-from punchline.client import account
 from punchline.errors import LocalError
-from punchline.identity import certs
+
+if TYPE_CHECKING:
+    from punchline.client import account
 
 AuthUrl = Annotated[
     str,
@@ -37,6 +38,8 @@ PasswordStdin = Annotated[
 
 
 def _show(identity: account.Identity, as_json: bool, verb: str) -> None:
+    from punchline.identity import certs
+
     if as_json:
         emit_json(identity.as_json())
         return
@@ -57,6 +60,8 @@ def signup(
     as_json: Json = False,
 ) -> None:
     """Create an account and log in: generates this device's key and gets a certificate."""
+    from punchline.client import account
+
     password = read_password(password_stdin, confirm=True)
     _show(account.signup(store(data), auth, name, password, ca_fingerprint), as_json, "Signed up")
 
@@ -70,6 +75,8 @@ def login(
     as_json: Json = False,
 ) -> None:
     """Log in with a password and get a fresh certificate for this device's key."""
+    from punchline.client import account
+
     identity_store = store(data)
     profile = identity_store.profile()
     url = auth or (profile.auth_url if profile else None)
@@ -81,6 +88,8 @@ def login(
 
 def whoami(data: DataDir = None, as_json: Json = False) -> None:
     """Show the identity in the data dir, verified offline; renews it first when due."""
+    from punchline.client import account
+
     freshness = account.ensure_fresh(store(data), time.time())
     if as_json:
         emit_json({**freshness.identity.as_json(), "renewed": freshness.renewed})
@@ -92,11 +101,15 @@ def whoami(data: DataDir = None, as_json: Json = False) -> None:
 
 def renew(data: DataDir = None, as_json: Json = False) -> None:
     """Renew the certificate now (no password needed while it is still valid)."""
+    from punchline.client import account
+
     _show(account.renew(store(data)), as_json, "Renewed")
 
 
 def passwd(data: DataDir = None, password_stdin: PasswordStdin = False) -> None:
     """Change the account password (old password, then new, one per line with --password-stdin)."""
+    from punchline.client import account
+
     old = read_password(password_stdin, "Current password")
     new = read_password(password_stdin, "New password", confirm=True)
     account.change_password(store(data), old, new)

@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from punchline.auth import operator
-from punchline.auth.config import AuthConfig
-from punchline.auth.server import Storage, open_storage, serve
 from punchline.cli.options import Json, emit_json
-from punchline.identity import certs
 from punchline.util import logs
 from punchline.util.parse import duration, host_port
+
+if TYPE_CHECKING:
+    from punchline.auth.server import Storage
 
 app = typer.Typer(help="The login server (certificate authority) and its accounts.")
 user_app = typer.Typer(help="Operator actions on user accounts.")
@@ -59,6 +58,9 @@ def serve_command(
     ] = "7d",
 ) -> None:
     """Run the login server over HTTPS until interrupted."""
+    from punchline.auth.config import AuthConfig
+    from punchline.auth.server import serve
+
     logs.configure("INFO")
     host, port = host_port(listen)
     config = AuthConfig(
@@ -75,10 +77,15 @@ def serve_command(
 
 
 def _sessions(data: Path, db: str | None) -> Storage:
+    from punchline.auth.config import AuthConfig
+    from punchline.auth.server import open_storage
+
     return open_storage(AuthConfig(data_dir=data, db_url=db))
 
 
 def _set_disabled(name: str, data: Path, db: str | None, disabled: bool) -> None:
+    from punchline.auth import operator
+
     storage = _sessions(data, db)
     changed = operator.set_disabled(storage.sessions, name, disabled, time.time())
     state = "disabled" if disabled else "enabled"
@@ -100,6 +107,9 @@ def enable(name: str, data: ServerData, db: DbUrl = None) -> None:
 @user_app.command("list")
 def list_users(data: ServerData, db: DbUrl = None, as_json: Json = False) -> None:
     """List accounts with their state and how many certificates each was issued."""
+    from punchline.auth import operator
+    from punchline.identity import certs
+
     rows = operator.list_accounts(_sessions(data, db).sessions)
     if as_json:
         emit_json(

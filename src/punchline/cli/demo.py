@@ -13,24 +13,27 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 from punchline import environment
 from punchline.cli.options import Json, emit_json
-from punchline.client import account
-from punchline.client.store import IdentityStore
 from punchline.errors import RemoteError
-from punchline.identity import certs
-from punchline.lab.loopback import Network
+
+if TYPE_CHECKING:
+    from punchline.identity import certs
+    from punchline.lab.loopback import Network
 
 USERS = ("alice", "bob")
 
 
 def _describe(cert: x509.Certificate, info: certs.CertInfo) -> dict[str, Any]:
+    from punchline.identity import certs
+
     return {
         "subject": info.subject,
         "roles": sorted(r.value for r in info.roles),
@@ -45,6 +48,10 @@ def _describe(cert: x509.Certificate, info: certs.CertInfo) -> dict[str, Any]:
 
 def _tamper(cert: x509.Certificate, ca: x509.Certificate) -> str:
     """Flip one byte inside the signed part and report how verification rejects it."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from punchline.identity import certs
+
     der = bytearray(cert.public_bytes(Encoding.DER))
     position = der.find(b"alice") if b"alice" in der else len(der) // 2
     der[position] ^= 0x01
@@ -57,6 +64,9 @@ def _tamper(cert: x509.Certificate, ca: x509.Certificate) -> str:
 
 
 def _certificates(net: Network) -> tuple[list[dict[str, Any]], str]:
+    from punchline.client import account
+    from punchline.client.store import IdentityStore
+
     stores = [IdentityStore(net.root / user) for user in USERS]
     ca = stores[0].pinned_ca()
     assert ca is not None
@@ -99,6 +109,8 @@ def demo(
     ] = None,
 ) -> None:
     """Run a login server, two supernodes and two users on loopback, and a call between them."""
+    from punchline.lab.loopback import Network
+
     environment.require_opendht()
 
     def say(message: str) -> None:

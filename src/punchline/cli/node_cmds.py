@@ -13,8 +13,6 @@ import typer
 from punchline.cli.account_cmds import AuthUrl, CaFingerprint
 from punchline.cli.options import DataDir, Json, emit_json, store
 from punchline.errors import LocalError
-from punchline.identity import certs
-from punchline.node import enrolment
 
 app = typer.Typer(help="Infrastructure node identity: enrolment and heartbeats.")
 
@@ -38,6 +36,9 @@ def enroll(
     as_json: Json = False,
 ) -> None:
     """Enrol this node: get a node certificate for its key and join the bootstrap list."""
+    from punchline.identity import certs
+    from punchline.node import enrolment
+
     if not enroll_secret:
         raise LocalError(
             "the operator's enrolment secret is needed: "
@@ -65,6 +66,8 @@ def enroll(
 @app.command()
 def heartbeat(data: DataDir = None, as_json: Json = False) -> None:
     """Send one heartbeat and print the (CA-verified) bootstrap list of live nodes."""
+    from punchline.node import enrolment
+
     payload = enrolment.heartbeat(store(data))
     if as_json:
         emit_json(payload)
