@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from punchline.crypto.handshake import SessionKeys
 from punchline.crypto.packets import ForgedPacket, PacketError, ReplayedPacket
+from punchline.crypto.srtp import SecureRtp
 from punchline.errors import LocalError, RemoteError
 from punchline.wire.rtp import (
     OPUS_PAYLOAD_TYPE,
@@ -19,7 +20,6 @@ from punchline.wire.rtp import (
     ReportBlock,
     RtpError,
     RtpPacket,
-    SecureRtp,
     SenderReport,
     SequenceTracker,
     decode_rtcp_untrusted,

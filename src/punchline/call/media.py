@@ -23,6 +23,7 @@ import numpy as np
 
 from punchline.crypto.handshake import SessionKeys
 from punchline.crypto.packets import PacketError
+from punchline.crypto.srtp import SecureRtp
 from punchline.voice.codec import OpusConfig, OpusDecoder, OpusEncoder
 from punchline.voice.jitter import JitterBuffer, JitterConfig
 from punchline.voice.wav import FrameSource
@@ -75,7 +76,7 @@ class MediaSession:
         config: MediaConfig | None = None,
     ) -> None:
         self.config = config or MediaConfig()
-        self._srtp = rtp.SecureRtp(keys)
+        self._srtp = SecureRtp(keys)
         self._candidates = list(dict.fromkeys(candidates))
         self.remote: Address | None = None
         self._source = source
@@ -85,7 +86,7 @@ class MediaSession:
         self._jitter = JitterBuffer(self.config.jitter)
         self._tracker = rtp.SequenceTracker()
         self.ssrc = secrets.randbits(32)
-        self._seq = secrets.randbits(16)
+        self._seq = rtp.random_initial_sequence()  # < 2^15: see its docstring
         self._timestamp = secrets.randbits(32)
         self._out: list[tuple[bytes, Address]] = []
         self._next_rtcp = now + self.config.rtcp_interval

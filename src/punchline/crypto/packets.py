@@ -83,7 +83,7 @@ class PacketCipher:
     """Seal with `keys.send`, open with `keys.receive`; one instance per session and purpose.
 
     Two ciphers must never share a send key (their indexes would collide in the nonce):
-    derive a separate `SessionKeys` per purpose, as `wire.rtp.SecureRtp` does for RTP and RTCP.
+    derive a separate `SessionKeys` per purpose, as `crypto.srtp.SecureRtp` does for RTP and RTCP.
     """
 
     def __init__(self, keys: SessionKeys, window: int = DEFAULT_WINDOW) -> None:

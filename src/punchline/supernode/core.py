@@ -149,7 +149,12 @@ class SupernodeCore:
             self._link_packet(packet, route, now)
 
     def _hello(self, packet: wire.Hello, raw: bytes, route: Route, now: float) -> None:
-        cached = self._hellos.get(raw)
+        try:
+            key = handshake.hello_id(packet.hello)
+        except handshake.HandshakeError:
+            self.counters["refused_hello"] += 1
+            return
+        cached = self._hellos.get(key)
         if cached is not None:
             self._out.append((cached[0], route))
             return
@@ -170,7 +175,7 @@ class SupernodeCore:
         session = Session(peer, SecureChannel(keys, now, self.config.channel), route)
         self.sessions[keys.session_id] = session
         welcome = wire.encode_welcome(answer)
-        self._hellos[raw] = (welcome, now + self.config.hello_cache_seconds)
+        self._hellos[key] = (welcome, now + self.config.hello_cache_seconds)
         self._out.append((welcome, route))
         session.channel.send(
             {"t": "welcome", "node_id": self.node_id, "reflexive": list(route[1])}, now
