@@ -3,10 +3,12 @@ strict rejection, and hypothesis fuzzing that bad bytes only ever raise `StunErr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import struct
 import zlib
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -252,7 +254,7 @@ def _good() -> bytes:
         (_good()[:2] + b"\x00\x02" + _good()[4:], "multiple of 4"),
         (_good()[:-4], "does not match"),
         (_good() + b"\x00" * 4, "does not match"),
-        (_good()[:22] + b"\x00\x09" + _good()[24:], "runs past"),
+        (_good()[:22] + b"\x00\xff" + _good()[24:], "runs past"),
         (_good()[:2] + b"\x00\x04" + _good()[4:24], "runs past"),
     ],
 )
@@ -394,7 +396,7 @@ def test_transaction_ids() -> None:
 
 ADDRESSES = [
     ("192.0.2.1", 32853),
-    ("0.0.0.0", 0),
+    ("0.0.0.0", 0),  # noqa: S104 - an address value, nothing binds to it
     ("255.255.255.255", 65535),
     ("2001:db8::1", 3478),
     ("::", 1),
@@ -533,8 +535,9 @@ def test_small_value_round_trips() -> None:
         (stun.decode_text_untrusted, b"\xff\xfe"),
     ],
 )
-def test_small_values_reject_malformed_bytes(decoder: object, value: bytes) -> None:
-    assert callable(decoder)
+def test_small_values_reject_malformed_bytes(
+    decoder: Callable[[bytes], object], value: bytes
+) -> None:
     with pytest.raises(StunError):
         decoder(value)
 
@@ -550,8 +553,7 @@ def test_small_values_reject_malformed_bytes(decoder: object, value: bytes) -> N
         lambda: stun.encode_text("x" * 128),
     ],
 )
-def test_small_value_encoders_refuse_misuse(call: object) -> None:
-    assert callable(call)
+def test_small_value_encoders_refuse_misuse(call: Callable[[], object]) -> None:
     with pytest.raises(StunUsageError):
         call()
 
@@ -739,7 +741,7 @@ def test_responders_do_not_share_counters() -> None:
 
 
 FUZZ = settings(max_examples=400, deadline=None)
-UNTRUSTED_VALUE_DECODERS = [
+UNTRUSTED_VALUE_DECODERS: list[Callable[[bytes], object]] = [
     decode_address_untrusted,
     lambda v: decode_xor_address_untrusted(v, TID),
     decode_error_code_untrusted,
@@ -766,7 +768,7 @@ messages = st.builds(
 valid_datagrams = st.one_of(
     st.sampled_from([*VECTORS, SAMPLE_LONG_TERM_REQUEST]),
     st.builds(
-        lambda m, key, sha, fp: encode(m, key, sha, fp),
+        encode,
         messages,
         st.one_of(st.none(), st.just(KEY)),
         st.booleans(),
@@ -840,10 +842,8 @@ def test_fuzz_encode_decode_round_trip(
 @given(st.binary(max_size=40))
 def test_fuzz_value_decoders(value: bytes) -> None:
     for decoder in UNTRUSTED_VALUE_DECODERS:
-        try:
+        with contextlib.suppress(StunError):
             decoder(value)
-        except StunError:
-            pass
 
 
 @FUZZ

@@ -281,13 +281,13 @@ class Daemon:
         if not isinstance(body, dict) or not isinstance(sender, str) or not isinstance(device, str):
             self.counters["malformed"] += 1
             return
+        if body.get("type") == "invite":
+            self._invite(sender, device, body, now)  # every invite passes the replay check
+            return
         active = self.call
         if active is not None and body.get("call_id") == active.call.call_id:
             if active.call.peer_device in (None, device) or body.get("type") == "answer":
                 active.call.signal_untrusted(device, body, now)
-            return
-        if body.get("type") == "invite":
-            self._invite(sender, device, body, now)
 
     def _invite(self, sender: str, device: str, body: dict[str, Any], now: float) -> None:
         assert self.identity is not None
@@ -541,6 +541,7 @@ class Daemon:
             "reflexive": list(self.reflexive) if self.reflexive else None,
             "nat": None,
             "call": call,
+            "counters": dict(self.counters),
         }
 
     async def _control_request(self, request: dict[str, Any], reply: control.Reply) -> None:

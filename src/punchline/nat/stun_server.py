@@ -65,7 +65,9 @@ class BindingResponderConfig:
     other_address: tuple[str, int] | None = None
     """OTHER-ADDRESS (RFC 5780 §7.4): the IP and port of a second responder that clients can use
     to test their NAT's mapping behaviour. Leave None unless that second address really answers:
-    RFC 5780 §6.1 forbids advertising an alternate address the server does not have."""
+    RFC 5780 §6.1 forbids advertising an alternate address the server does not have. Even with
+    it, CHANGE-REQUEST asking for a change gets 420: a reply is always sent from the socket the
+    request came in on, so filtering tests use two responders instead."""
 
     understood: frozenset[int] = BINDING_ATTRIBUTES
     """Comprehension-required attribute types accepted in a Binding request; a request with any
@@ -137,7 +139,7 @@ class BindingResponder:
         except StunError:
             return 400, "Bad Request: malformed CHANGE-REQUEST", []
         if change_ip or change_port:
-            # We answer from the socket the request came in on, so we cannot honour it;
-            # RFC 5780 §6.1 has such a server answer 420 as if it did not know the attribute.
+            # We answer from the socket the request came in on, so we cannot honour it; like a
+            # server without an alternate address (RFC 5780 §6.1), we answer 420.
             return 420, "Unknown Attribute", [Attr.CHANGE_REQUEST]
         return None

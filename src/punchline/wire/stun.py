@@ -181,9 +181,10 @@ def _known_method(method: int) -> int:
 def is_stun(data: bytes) -> bool:
     """Cheap demultiplexing test: could this datagram be one STUN message?
 
-    RFC 7983 §7 tells STUN from DTLS, RTP/RTCP, ZRTP and TURN ChannelData by the first byte
-    (0-3 is STUN); the magic cookie (RFC 8489 §6) and a length that is a multiple of 4 and
-    matches the datagram make a false positive very unlikely. Never raises.
+    RFC 7983 tells STUN from DTLS, RTP/RTCP, ZRTP and TURN ChannelData by the first byte (0-3
+    is STUN, which is why methods 0x100-0xFFF stay unassigned); the magic cookie (RFC 8489
+    §6) and a length that is a multiple of 4 and matches the datagram make a false positive
+    very unlikely. Never raises.
     """
     return (
         len(data) >= HEADER_BYTES
