@@ -249,3 +249,25 @@ def test_turnserver_accepts_our_long_term_credentials(tmp_path: Path) -> None:
         )
         released = _transact(sock, port, stun.encode(release, key), deadline, key)
         assert (released.method, released.cls) == (Method.REFRESH, Class.SUCCESS)
+
+
+def test_turnutils_stunclient_against_a_real_supernode(tmp_path: Path) -> None:
+    """The supernode process answers a standard STUN client on its one UDP port."""
+    from punchline.lab.loopback import Network
+
+    client = shutil.which("turnutils_stunclient")
+    if client is None:
+        unavailable("coturn's turnutils_stunclient is not installed (tools/run installs coturn)")
+        return
+    net = Network(tmp_path)
+    try:
+        net.start_auth()
+        node = net.start_supernode()
+        result = subprocess.run(
+            [client, "-p", str(node.udp_port), "127.0.0.1"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    finally:
+        net.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "UDP reflexive addr: 127.0.0.1:" in result.stdout

@@ -472,11 +472,6 @@ def test_authentic_envelopes_without_a_message_deliver_nothing(env: dict[str, An
     assert b.last_heard == NOW + 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: session/channel.py:110 json.loads of an authenticated body lets RecursionError "
-    "escape receive_untrusted (and SupernodeCore.receive) for deeply nested JSON",
-)
 def test_deeply_nested_authentic_body_is_dropped_not_raised() -> None:
     ka, _ = direct_keys(0)
     _, b = pair(QUIET, QUIET)
@@ -520,24 +515,12 @@ def test_timer_moves_forward_for_a_quiet_channel_with_a_silent_peer() -> None:
     assert a.dead
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: session/channel.py:141-142+163 a dead channel's ping timer (_last_sent + "
-    "ping_interval) is offered by next_timer but handle_timer never pings while dead, so "
-    "with retransmit_max > ping_interval next_timer() stays <= now (busy loop)",
-)
 def test_timer_moves_forward_when_retransmit_max_exceeds_ping_interval() -> None:
     a, _ = pair(ChannelConfig(retransmit_max=4.0, ping_interval=1.5))
     a.send({"i": 1}, NOW)
     run_timers(a)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: session/channel.py:142,147 vs 160,163 timers are computed as t + d but checked as "
-    "now - t >= d; with a non-dyadic d (0.3) float rounding makes the check fail at the very "
-    "time next_timer() named, so the timer never moves (busy loop)",
-)
 @pytest.mark.parametrize(
     "config",
     [

@@ -154,6 +154,8 @@ class Call:
             self._end(reason, now)
 
     def signal_untrusted(self, sender_device: str, body: dict[str, Any], now: float) -> None:
+        if self.state is CallState.ENDED:
+            return  # both sides hung up at once: the first reason stands
         kind = body.get("type")
         if self.outgoing and self.state in (CallState.INVITING, CallState.RINGING):
             if kind == "ringing":

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from punchline.errors import LocalError
+from punchline.util.jsontext import loads_untrusted
 
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 65536
@@ -48,12 +49,12 @@ async def serve(data_dir: Path, handler: Handler) -> asyncio.AbstractServer:
 
         try:
             line = await reader.readline()
-            request = json.loads(line) if line else None
+            request = loads_untrusted(line) if line else None
             if not isinstance(request, dict):
                 await reply({"ok": False, "error": "request must be one JSON object per line"})
                 return
             await handler(request, reply)
-        except (ValueError, UnicodeDecodeError):
+        except ValueError:
             await reply({"ok": False, "error": "request is not JSON"})
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -93,7 +94,7 @@ async def request(data_dir: Path, message: dict[str, Any]) -> AsyncIterator[dict
         writer.write(json.dumps(message).encode() + b"\n")
         await writer.drain()
         while line := await reader.readline():
-            value = json.loads(line)
+            value = loads_untrusted(line)
             if isinstance(value, dict):
                 yield value
     finally:

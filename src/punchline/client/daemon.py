@@ -285,9 +285,10 @@ class Daemon:
             self._invite(sender, device, body, now)  # every invite passes the replay check
             return
         active = self.call
-        if active is not None and body.get("call_id") == active.call.call_id:
-            if active.call.peer_device in (None, device) or body.get("type") == "answer":
-                active.call.signal_untrusted(device, body, now)
+        if active is None or body.get("call_id") != active.call.call_id:
+            return
+        if active.call.peer_device in (None, device) or body.get("type") == "answer":
+            active.call.signal_untrusted(device, body, now)
 
     def _invite(self, sender: str, device: str, body: dict[str, Any], now: float) -> None:
         assert self.identity is not None

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from punchline.errors import LocalError, SecurityError
 from punchline.identity import certs, keys, signed
 from punchline.util.files import atomic_write, private_dir
+from punchline.util.jsontext import loads_untrusted
 from punchline.wire.auth_api import BOOTSTRAP_CONTEXT
 
 
@@ -141,7 +142,7 @@ class IdentityStore:
     def bootstrap(self) -> dict[str, Any] | None:
         """The cached CA-signed node list, or None; a tampered cache is an error, not ignored."""
         try:
-            document = json.loads(self.bootstrap_path.read_text())
+            document = loads_untrusted(self.bootstrap_path.read_text())
         except FileNotFoundError:
             return None
         except ValueError as exc:

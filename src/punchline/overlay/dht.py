@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from punchline import environment
+from punchline.util.jsontext import loads_untrusted
 
 log = structlog.get_logger(component="dht")
 
@@ -130,8 +131,8 @@ class DhtIndex:
         if data in found:
             return
         try:
-            record = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+            record = loads_untrusted(data)
+        except ValueError:
             return
         if isinstance(record, dict):
             found[data] = record

@@ -20,6 +20,7 @@ from typing import Any
 
 from punchline.crypto.handshake import SessionKeys
 from punchline.crypto.packets import PacketCipher, PacketError
+from punchline.util.jsontext import loads_untrusted
 from punchline.wire.session import Sealed, encode_sealed, sealed_header
 
 
@@ -107,8 +108,8 @@ class SecureChannel:
         """
         try:
             body = self._cipher.open_untrusted(packet.index, packet.header, packet.ciphertext)
-            envelope = json.loads(body)
-        except (PacketError, ValueError, UnicodeDecodeError):
+            envelope = loads_untrusted(body)
+        except (PacketError, ValueError):
             self.counters["forged"] += 1
             return []
         if not isinstance(envelope, dict):
@@ -138,7 +139,7 @@ class SecureChannel:
 
     def next_timer(self) -> float:
         candidates = [float("inf")]
-        if self.config.ping_interval is not None:
+        if self.config.ping_interval is not None and not self.dead:
             candidates.append(self._last_sent + self.config.ping_interval)
         if self._unacked:
             candidates.append(min(o.next_send for o in self._unacked.values()))
@@ -157,10 +158,12 @@ class SecureChannel:
                 self._emit({"n": entry.number, "m": entry.message}, now)
         if self._unacked:
             oldest = next(iter(self._unacked.values()))
-            if now - max(oldest.first_sent, self.last_heard) >= self.config.dead_after:
+            # compare against the very sum next_timer() named, or float rounding can leave a
+            # timer due forever (a busy loop in the driver)
+            if now >= max(oldest.first_sent, self.last_heard) + self.config.dead_after:
                 self.dead = True
         interval = self.config.ping_interval
-        if interval is not None and now - self._last_sent >= interval and not self.dead:
+        if interval is not None and now >= self._last_sent + interval and not self.dead:
             self.send({"t": "ping"}, now)
 
     @property

@@ -93,6 +93,7 @@ class _PendingLookup:
     kind: str  # "lookup" (answer the client) or "route" (deliver a signal)
     session_id: bytes
     request: dict[str, Any]
+    user: str
 
 
 class SupernodeCore:
@@ -252,14 +253,14 @@ class SupernodeCore:
             self.counters["malformed"] += 1
             return
         ref = next(self._refs)
-        self._pending[ref] = _PendingLookup(kind, session.channel.session_id, request)
+        self._pending[ref] = _PendingLookup(kind, session.channel.session_id, request, user)
         self._actions.append(Lookup(ref, user))
 
     def lookup_done(self, ref: int, records: list[dict[str, Any]], now: float) -> None:
         pending = self._pending.pop(ref, None)
         if pending is None:
             return
-        user = pending.request.get("user") or pending.request.get("to")
+        user = pending.user
         valid = []
         for record in records:
             try:
@@ -398,7 +399,7 @@ class SupernodeCore:
 
     def handle_timer(self, now: float) -> None:
         for session in list(self.sessions.values()):
-            if now - session.channel.last_heard > self.config.session_timeout:
+            if now >= session.channel.last_heard + self.config.session_timeout:
                 self._close(session, "silent")
             else:
                 session.channel.handle_timer(now)
@@ -436,7 +437,10 @@ def _signal_for(envelope: dict[str, Any]) -> dict[str, Any]:
 
 
 def _udp_route(supernode: dict[str, Any]) -> Route | None:
-    for address in supernode.get("addresses", []):
+    addresses = supernode.get("addresses")
+    if not isinstance(addresses, list):
+        return None
+    for address in addresses:
         if isinstance(address, dict) and address.get("transport") == "udp":
             host, port = address.get("host"), address.get("port")
             if isinstance(host, str) and isinstance(port, int):

@@ -6,10 +6,10 @@ a `Retry-After` header; both sides represent one as `Refusal`.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from punchline.errors import RemoteError
+from punchline.util.jsontext import loads_untrusted
 
 SIGNATURE_HEADER = "X-Punchline-Signature"
 # Context labels of the signatures (see identity.signed): request bodies, the bootstrap list.
@@ -34,7 +34,7 @@ class Refusal(RemoteError):
 def decode_object_untrusted(body: bytes) -> dict[str, Any]:
     """A request body must be one JSON object; anything else is a 400 `bad_json`."""
     try:
-        value = json.loads(body)
+        value = loads_untrusted(body)
     except ValueError as exc:
         raise Refusal(400, "bad_json", "request body is not valid JSON") from exc
     if not isinstance(value, dict):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from punchline.errors import RemoteError
 from punchline.identity import certs, signed
+from punchline.util.jsontext import loads_untrusted
 
 CONTEXT = "presence"
 STATUSES = frozenset({"online", "away", "busy", "offline"})
@@ -73,7 +74,7 @@ def verify_untrusted(
     if not isinstance(record, dict) or not isinstance(record.get("payload"), str):
         raise PresenceError("presence record must be a signed document")
     try:
-        claimed = json.loads(record["payload"])
+        claimed = loads_untrusted(record["payload"])
         if not isinstance(claimed, dict):
             raise PresenceError("presence payload must be an object")
         der = base64.b64decode(str(claimed.get("cert")), validate=True)
@@ -90,8 +91,16 @@ def verify_untrusted(
         raise PresenceError("presence record has a malformed supernode or status")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise PresenceError("presence record has a malformed sequence number")
-    if not isinstance(expires, int | float) or isinstance(expires, bool):
+    if (
+        not isinstance(expires, int | float)
+        or isinstance(expires, bool)
+        or not math.isfinite(expires)
+    ):
         raise PresenceError("presence record has a malformed expiry")
+    if not isinstance(supernode.get("node_id"), str) or not isinstance(
+        supernode.get("addresses", []), list
+    ):
+        raise PresenceError("presence record names its supernode in a malformed way")
     if name != info.subject:
         raise PresenceError(f"record for {name!r} is signed by {info.subject!r}")
     if user is not None and name != user:

@@ -1,0 +1,18 @@
+"""JSON from someone else: every way it can go wrong becomes one ValueError.
+
+`json.loads` raises RecursionError on deeply nested input ("[[[[…") and UnicodeDecodeError on
+bad bytes; a peer must not be able to crash a node with either. Every parser of network JSON
+goes through here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def loads_untrusted(data: bytes | str) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not valid JSON: {type(exc).__name__}") from exc
