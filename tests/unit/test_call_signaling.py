@@ -436,7 +436,7 @@ def test_a_media_field_that_is_not_an_object_is_ignored(world: World) -> None:
 # ------------------------------------------------------------------ forged and broken answers
 
 
-def test_an_answer_from_the_wrong_user_ends_the_call(world: World) -> None:
+def test_an_answer_from_the_wrong_user_is_ignored(world: World) -> None:
     caller, invite = place(world.alice)
     # carol got hold of the hello and answers it herself, posing as bob's device
     _, _, forged = handshake.answer_untrusted(
@@ -445,28 +445,34 @@ def test_an_answer_from_the_wrong_user_ends_the_call(world: World) -> None:
     )  # fmt: skip
     body = {"type": "answer", "answer": forged, "media": {}, "call_id": caller.call_id}
     caller.signal_untrusted("phone", body, NOW + 1)
-    assert caller.state is CallState.ENDED
-    assert caller.end_reason.startswith("answer rejected")
-    assert "carol" in caller.end_reason
+    assert caller.state.value == "inviting"  # unauthenticated input cannot end the call
+    assert caller.rejected_answers == 1
+    assert "carol" in caller.problem
     assert caller.keys is None
     assert caller.connected_at is None
+    # bob's genuine answer still connects
+    _, genuine = ring(world.bob, invite)
+    caller.signal_untrusted("phone", {"type": "answer", "answer": genuine}, NOW + 2)
+    assert caller.state is CallState.ACTIVE
 
 
-def test_an_answer_to_another_call_ends_the_call(world: World) -> None:
+def test_an_answer_to_another_call_is_ignored(world: World) -> None:
     caller, _ = place(world.alice)
     _, other_invite = place(world.alice)
     _, answer = ring(world.bob, other_invite)
     caller.signal_untrusted("phone", {"type": "answer", "answer": answer}, NOW + 1)
-    assert caller.end_reason.startswith("answer rejected")
+    assert caller.problem.startswith("answer rejected")
+    assert caller.state is CallState.INVITING
     assert caller.keys is None
 
 
 @pytest.mark.parametrize("answer", [None, "x", {}, {"v": 1}])
-def test_a_garbage_answer_ends_the_call(world: World, answer: object) -> None:
+def test_a_garbage_answer_is_ignored(world: World, answer: object) -> None:
     caller, _ = place(world.alice)
     caller.signal_untrusted("phone", {"type": "answer", "answer": answer}, NOW + 1)
-    assert caller.state is CallState.ENDED
-    assert caller.end_reason.startswith("answer rejected")
+    assert caller.state is CallState.INVITING
+    assert caller.rejected_answers == 1
+    assert caller.problem.startswith("answer rejected")
 
 
 def test_the_callee_ignores_answers_and_ringing(world: World) -> None:

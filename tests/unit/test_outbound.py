@@ -250,20 +250,40 @@ def test_queued_messages_reach_a_supernode_core(world: World) -> None:
 # ------------------------------------------------------------------ refusals and bad answers
 
 
+def run_out(session: OutboundSession, start: float = NOW) -> None:
+    """Let the HELLO attempts run out with no further answer."""
+    t = start
+    while session.state is State.CONNECTING and t < start + 60:
+        t += 0.1
+        session.datagrams(t)
+
+
 def test_refused_fails_with_the_reason(world: World) -> None:
     session = connect(world.alice)
     (hello,) = session.datagrams(NOW)
     refused = wire.decode_untrusted(wire.encode_refused("not today"))
     assert session.receive_untrusted(refused, NOW + 0.01) == []
+    assert not session.established  # unauthenticated: keep trying
+    assert session.failure == ""
+    run_out(session)
     assert session.state is State.FAILED
     assert session.failure == "refused: not today"
     assert session.next_timer() == math.inf
-    assert session.datagrams(NOW + 5) == []
+    assert session.datagrams(NOW + 60) == []
     # a genuine WELCOME arriving afterwards does not revive it
     _, welcome = answer(hello_of(hello), world.node)
-    session.receive_untrusted(welcome, NOW + 0.02)
+    session.receive_untrusted(welcome, NOW + 61)
     assert session.state is State.FAILED
     assert session.channel is None
+
+
+def test_a_spoofed_refusal_does_not_beat_the_genuine_welcome(world: World) -> None:
+    session = connect(world.alice)
+    (hello,) = session.datagrams(NOW)
+    session.receive_untrusted(wire.decode_untrusted(wire.encode_refused("go away")), NOW)
+    _, welcome = answer(hello_of(hello), world.node)
+    session.receive_untrusted(welcome, NOW + 0.01)
+    assert session.established
 
 
 def test_a_core_refuses_a_client_from_another_ca(world: World) -> None:
@@ -271,11 +291,11 @@ def test_a_core_refuses_a_client_from_another_ca(world: World) -> None:
     core = served(world, net)
     end = SessionEnd(connect(world.foreign_alice), SERVER)
     net.add(CLIENT, end)
-    net.advance(1, until=lambda: end.session.state is State.FAILED)
+    net.advance(10, until=lambda: end.session.state is State.FAILED)
     assert end.session.state is State.FAILED
     assert end.session.failure.startswith("refused: ")
     assert "certificate" in end.session.failure
-    assert core.counters["refused_hello"] == 1
+    assert core.counters["refused_hello"] == HELLO_ATTEMPTS  # each retry is refused again
     assert core.sessions == {}
 
 
@@ -284,7 +304,7 @@ def test_a_core_refuses_roles_that_do_not_attach(world: World) -> None:
     core = served(world, net)
     end = SessionEnd(OutboundSession(world.relay.identity, "sn-a", NOW), SERVER)
     net.add(CLIENT, end)
-    net.advance(1, until=lambda: end.session.state is State.FAILED)
+    net.advance(10, until=lambda: end.session.state is State.FAILED)
     assert end.session.failure == "refused: only users and supernodes attach"
     assert core.sessions == {}
 
@@ -295,6 +315,8 @@ def test_a_welcome_for_another_session_fails(world: World) -> None:
     (their_hello,) = theirs.datagrams(NOW)
     _, welcome = answer(hello_of(their_hello), world.node)
     assert mine.receive_untrusted(welcome, NOW + 0.01) == []
+    assert not mine.established
+    run_out(mine)
     assert mine.state is State.FAILED
     assert not mine.established
     assert mine.channel is None
@@ -317,6 +339,8 @@ def test_a_welcome_from_the_wrong_server_fails(world: World, server: str, why: s
     (hello,) = session.datagrams(NOW)
     _, welcome = answer(hello_of(hello), impostor)
     session.receive_untrusted(welcome, NOW + 0.01)
+    assert not session.established
+    run_out(session)
     assert session.state is State.FAILED
     assert not session.established
     assert session.channel is None
@@ -329,6 +353,7 @@ def test_a_client_expecting_a_relay_refuses_a_supernode(world: World) -> None:
     (hello,) = session.datagrams(NOW)
     _, welcome = answer(hello_of(hello), world.node)
     session.receive_untrusted(welcome, NOW)
+    run_out(session)
     assert session.state is State.FAILED
 
 
@@ -337,8 +362,9 @@ def test_a_garbage_welcome_fails(world: World, garbage: dict[str, Any]) -> None:
     session = connect(world.alice)
     session.datagrams(NOW)
     session.receive_untrusted(wire.Welcome(garbage), NOW)
+    run_out(session)
     assert session.state is State.FAILED
-    assert session.failure
+    assert session.failure != "no answer from the server"
 
 
 # ------------------------------------------------------------------ once established

@@ -792,3 +792,18 @@ def test_any_client_message_is_handled_without_raising(
             core.lookup_done(action.ref, bob, NOW)
     core.handle_timer(NOW + 1)
     core.datagrams(NOW + 1)
+
+
+def test_a_signal_queued_on_a_dead_link_comes_back_as_unreachable(world: World) -> None:
+    """bob's record names sn-b, but sn-b never answers: alice hears so instead of silence."""
+    lab = Lab(world)
+    a = lab.node(world.sn_a, SA)
+    alice = lab.client(world.alice, "sn-a", device="laptop")
+    lab.index.records["bob"] = {"phone": record(world.bob, "phone", "sn-b", SB)}
+    lab.send(alice, {"t": "signal", "to": "bob", "id": 5, "body": {}})
+    assert alice.of_type("signal_error") == []  # handed to the link, waiting for it
+    lab.net.advance(10)
+    assert alice.of_type("signal_error") == [
+        {"t": "signal_error", "ref": 5, "to": "bob", "reason": "unreachable"}
+    ]
+    assert a.links == {}

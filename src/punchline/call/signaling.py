@@ -71,6 +71,8 @@ class Call:
     end_reason: str = ""
     connected_at: float | None = None
     ended_at: float | None = None
+    rejected_answers: int = 0
+    problem: str = ""
     _pending: handshake.PendingHandshake | None = None
     _deadline: float = float("inf")
     _out: list[Outgoing] = field(default_factory=list)
@@ -178,7 +180,10 @@ class Call:
                 body.get("answer"), self.identity.ca, now, Role.USER, self.peer
             )
         except handshake.HandshakeError as exc:
-            self._end(f"answer rejected: {exc}", now)
+            # Not authenticated, so not allowed to end the call: an injected answer must not
+            # stop the genuine one. The call keeps waiting; the problem shows if it times out.
+            self.rejected_answers += 1
+            self.problem = f"answer rejected: {exc}"
             return
         self.keys, self.peer_device = keys, sender_device
         media = body.get("media")
@@ -216,7 +221,7 @@ class Call:
             self._end("no answer from the callee's devices (offline?)", now)
         elif self.state is CallState.RINGING:
             self._send({"type": "cancel", "reason": "timeout"})
-            self._end("not answered", now)
+            self._end("not answered" + (f" ({self.problem})" if self.problem else ""), now)
         elif self.state is CallState.INCOMING:
             self._end("not answered", now)
 

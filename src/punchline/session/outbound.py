@@ -53,6 +53,7 @@ class OutboundSession:
         self.config = config
         self.state = State.CONNECTING
         self.failure = ""
+        self.problem = ""  # the last refusal or bad WELCOME seen while connecting
         self.started = now
         self.rtt: float | None = None
         self.channel: SecureChannel | None = None
@@ -72,8 +73,12 @@ class OutboundSession:
             self.channel.send(message, now, reliable)
 
     def receive_untrusted(self, packet: wire.Packet, now: float) -> list[dict[str, Any]]:
+        # REFUSED and WELCOME are not authenticated until the handshake completes: anyone who
+        # can spoof the server's address could send them. So a refusal or a bad WELCOME is
+        # remembered and the HELLO retried; the session fails only when the attempts run out,
+        # with the last problem as its reason, and the genuine WELCOME still wins meanwhile.
         if isinstance(packet, wire.Refused) and self.state is State.CONNECTING:
-            self.state, self.failure = State.FAILED, f"refused: {packet.reason}"
+            self.problem = f"refused: {packet.reason}"
             return []
         if isinstance(packet, wire.Welcome) and self.state is State.CONNECTING:
             try:
@@ -81,7 +86,7 @@ class OutboundSession:
                     packet.answer, self.identity.ca, now, self.server_role, self.server_name
                 )
             except handshake.HandshakeError as exc:
-                self.state, self.failure = State.FAILED, str(exc)
+                self.problem = str(exc)
                 return []
             self.peer = peer
             self.rtt = now - self.started if self._hello_sent == 1 else None
@@ -100,7 +105,8 @@ class OutboundSession:
     def datagrams(self, now: float) -> list[bytes]:
         if self.state is State.CONNECTING and now >= self._next_hello:
             if self._hello_sent >= HELLO_ATTEMPTS:
-                self.state, self.failure = State.FAILED, "no answer from the server"
+                self.state = State.FAILED
+                self.failure = self.problem or "no answer from the server"
                 return []
             self._hello_sent += 1
             self._next_hello = now + HELLO_RETRY * self._hello_sent

@@ -70,6 +70,9 @@ class Link:
     node_id: str
     route: Route
     session: OutboundSession
+    # (session id, request id, callee) of signals queued before the link was up: if it
+    # fails, their senders hear "unreachable" instead of waiting for a timeout.
+    waiting: list[tuple[bytes, Any, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -342,7 +345,8 @@ class SupernodeCore:
         for target in targets:
             if (to_device is not None and target.device != to_device) or target.device in already:
                 continue
-            delivered += self._deliver_one(target, envelope, now)
+            origin = (session.channel.session_id, message.get("id"), message.get("to"))
+            delivered += self._deliver_one(target, envelope, now, origin)
         if delivered:
             self.counters["signals_routed"] += 1
             return
@@ -353,7 +357,13 @@ class SupernodeCore:
             now,
         )  # fmt: skip
 
-    def _deliver_one(self, target: presence.Presence, envelope: dict[str, Any], now: float) -> int:
+    def _deliver_one(
+        self,
+        target: presence.Presence,
+        envelope: dict[str, Any],
+        now: float,
+        origin: tuple[bytes, Any, Any] | None = None,
+    ) -> int:
         node_id = target.supernode.get("node_id")
         if node_id == self.node_id:
             local = self.by_user.get(target.user, {}).get(target.device)
@@ -370,6 +380,8 @@ class SupernodeCore:
                                        self.config.link_channel)  # fmt: skip
             link = self.links[node_id] = Link(node_id, route, outbound)
         link.session.send({**envelope, "to_device": target.device}, now)
+        if origin is not None and not link.session.established:
+            link.waiting.append(origin)
         return 1
 
     def _deliver(self, envelope: dict[str, Any], now: float) -> None:
@@ -379,6 +391,25 @@ class SupernodeCore:
             self.counters["signals_undeliverable"] += 1
             return
         local.channel.send(_signal_for(envelope), now)
+
+    def _reap_links(self, now: float) -> None:
+        """Drop failed links (a link can fail while sending, not only on a timer)."""
+        for node_id, link in list(self.links.items()):
+            if link.session.established:
+                link.waiting.clear()
+            elif link.session.state.value == "failed":
+                log.info("supernode link failed", node=node_id, reason=link.session.failure)
+                del self.links[node_id]
+                self._unreachable(link, now)
+
+    def _unreachable(self, link: Link, now: float) -> None:
+        for session_id, ref, to in link.waiting:
+            origin = self.sessions.get(session_id)
+            if origin is not None:
+                self.counters["signals_undeliverable"] += 1
+                origin.channel.send(
+                    {"t": "signal_error", "ref": ref, "to": to, "reason": "unreachable"}, now
+                )
 
     def _from_link(self, link: Link, message: dict[str, Any], now: float) -> None:
         # Links only carry our own deliveries out; nothing is expected back on them yet.
@@ -403,11 +434,9 @@ class SupernodeCore:
                 self._close(session, "silent")
             else:
                 session.channel.handle_timer(now)
-        for node_id, link in list(self.links.items()):
+        for link in self.links.values():
             link.session.handle_timer(now)
-            if link.session.state.value == "failed":
-                log.info("supernode link failed", node=node_id, reason=link.session.failure)
-                del self.links[node_id]
+        self._reap_links(now)
         self._hellos = {h: v for h, v in self._hellos.items() if v[1] > now}
 
     def next_timer(self) -> float:
@@ -424,6 +453,8 @@ class SupernodeCore:
             out += [(d, session.route) for d in session.channel.datagrams(now)]
         for link in self.links.values():
             out += [(d, link.route) for d in link.session.datagrams(now)]
+        if any(link.session.state.value == "failed" for link in self.links.values()):
+            self._reap_links(now)  # their senders' errors go out with the next flush
         return out
 
     def actions(self) -> list[Action]:
