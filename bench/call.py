@@ -1,8 +1,9 @@
 """Call figures on loopback: set-up time, audio quality, re-attach time after a supernode dies.
 
-Runs a real network (login server, two supernodes, two daemons as separate processes), places
-`--calls` calls playing the shipped speech sample, and kills the callee's supernode during the
-last one. Prints a table, or one JSON object with --json.
+Runs a real network (login server, two supernodes, two daemons as separate processes; caller
+and callee on different supernodes, so invites go through the DHT), places `--calls` calls
+playing the shipped speech sample, and kills the callee's supernode during the last one.
+Prints a table, or one JSON object with --json.
 
     .venv/bin/python bench/call.py [--calls 5] [--json]
 """
@@ -68,12 +69,14 @@ def main() -> None:
     recording = root / "bob.wav"
     try:
         net.start_auth()
-        net.start_supernode()
-        net.start_supernode()
+        sn1 = net.start_supernode()
+        sn2 = net.start_supernode()
         net.signup("alice")
         net.signup("bob")
-        net.start_daemon("bob", "--auto-answer", "--record", str(recording))
-        net.start_daemon("alice")
+        # on different supernodes: every invite goes through the DHT and a supernode link
+        net.start_daemon("bob", "--auto-answer", "--record", str(recording),
+                         "--supernode", sn2.node_id)  # fmt: skip
+        net.start_daemon("alice", "--supernode", sn1.node_id)
         reports = [_one_call(net, recording) for _ in range(max(1, args.calls - 1))]
         failover, reattach = _failover_call(net, recording)
     finally:

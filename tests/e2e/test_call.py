@@ -105,3 +105,18 @@ def test_callee_supernode_dies_mid_call(network: Network) -> None:
     assert moved["after_s"] <= 5.0
     _wait_recording(network, recording)
     assert _pesq(recording) >= 3.8
+
+
+def test_call_across_two_supernodes_through_the_dht(network: Network) -> None:
+    """alice on sn1, bob on sn2: sn1 finds bob in the DHT and hands the invite to sn2."""
+    sn1, sn2 = network.supernodes
+    recording = network.root / "bob-recording.wav"
+    network.start_daemon("bob", "--auto-answer", "--record", str(recording),
+                         "--supernode", sn2.node_id)  # fmt: skip
+    network.start_daemon("alice", "--supernode", sn1.node_id)
+    assert network.supernode_of("alice") is sn1
+    assert network.supernode_of("bob") is sn2
+    report = _call(network, "--duration", "3")
+    assert report["connected"] is True, report
+    assert report["setup_ms"] < 2000
+    assert report["loss"] == 0.0

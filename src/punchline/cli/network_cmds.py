@@ -75,6 +75,9 @@ def up(
     auto_answer: Annotated[bool, typer.Option(help="Answer every incoming call at once.")] = False,
     play: WavFile = None,
     record: WavFile = None,
+    supernode: Annotated[
+        str | None, typer.Option(help="Node id of the supernode to attach to first.")
+    ] = None,
 ) -> None:
     """Go online: attach to a supernode, publish presence, take and place calls."""
     from punchline.client.daemon import Daemon, DaemonConfig
@@ -84,7 +87,8 @@ def up(
     identity_store = store(data)
     if play is not None:
         wav.read_wav(play)
-    asyncio.run(Daemon(DaemonConfig(identity_store.dir, auto_answer, play, record)).run())
+    config = DaemonConfig(identity_store.dir, auto_answer, play, record, prefer=supernode)
+    asyncio.run(Daemon(config).run())
 
 
 async def _ask(data: Path | None, message: dict[str, Any]) -> list[dict[str, Any]]:

@@ -49,6 +49,8 @@ class DaemonConfig:
     record: Path | None = None
     # Supernodes probed at once when attaching; the first to answer wins.
     probes: int = 3
+    # Attach to this supernode (node id) when it answers, before trying any other.
+    prefer: str | None = None
     # A supernode that failed is avoided for this long when re-attaching.
     avoid_failed_for: float = 30.0
     # Presence records live this long and are republished well before they expire.
@@ -178,8 +180,12 @@ class Daemon:
         fresh = [s for s in self.supernodes if self.avoid.get(s.node_id, 0) <= now]
         if not fresh:
             fresh = self.supernodes  # everything failed recently: try them all again
+        probes = self.config.probes
+        preferred = [s for s in fresh if s.node_id == self.config.prefer]
+        if preferred:
+            fresh, probes = preferred, 1  # if it fails, it is avoided and others are probed
         self.attempts = {}
-        for node in fresh[: self.config.probes]:
+        for node in fresh[:probes]:
             session = OutboundSession(self.identity, node.node_id, now, config=self.config.channel)
             self.attempts[node.address] = (node, session)
         self._pump(now)
