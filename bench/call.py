@@ -14,49 +14,16 @@ import argparse
 import json
 import statistics
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from punchline.lab.loopback import Network
-from punchline.voice import quality, wav
+from punchline.lab.loopback import Network, SupernodeKiller, call_with_sample, pesq_of_recording
 
 
 def _one_call(net: Network, recording: Path) -> dict[str, Any]:
-    recording.unlink(missing_ok=True)
-    result = net.cli("call", "bob", "--data", str(net.root / "alice"), "--play",
-                     str(wav.speech_sample()), "--json", timeout=120)  # fmt: skip
-    report: dict[str, Any] = json.loads(result.stdout)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and not recording.exists():
-        time.sleep(0.05)
-    time.sleep(0.2)
-    reference = wav.read_wav(wav.speech_sample())
-    report["pesq_wb"] = quality.pesq_wb(reference, wav.read_wav(recording))
+    report = call_with_sample(net, "alice", "bob", recording)
+    report["pesq_wb"] = pesq_of_recording(recording)
     return report
-
-
-def _failover_call(net: Network, recording: Path) -> tuple[dict[str, Any], float | None]:
-    doomed = net.supernode_of("bob")
-    moved: list[float] = []
-
-    def kill_then_watch() -> None:
-        time.sleep(3.0)
-        doomed.kill()
-        killed = time.monotonic()
-        while time.monotonic() - killed < 15:
-            node = net.status("bob").get("supernode")
-            if node and node["node_id"] != doomed.node_id:
-                moved.append(time.monotonic() - killed)
-                return
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=kill_then_watch)
-    watcher.start()
-    report = _one_call(net, recording)
-    watcher.join()
-    return report, moved[0] if moved else None
 
 
 def main() -> None:
@@ -78,7 +45,11 @@ def main() -> None:
                          "--supernode", sn2.node_id)  # fmt: skip
         net.start_daemon("alice", "--supernode", sn1.node_id)
         reports = [_one_call(net, recording) for _ in range(max(1, args.calls - 1))]
-        failover, reattach = _failover_call(net, recording)
+        killer = SupernodeKiller(net, "bob", delay=3.0)
+        killer.start()
+        failover = _one_call(net, recording)
+        killer.join()
+        reattach = killer.reattach_s
     finally:
         net.stop()
     setup = [float(r["setup_ms"]) for r in reports]

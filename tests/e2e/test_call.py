@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from punchline.lab.loopback import Network
-from punchline.voice import quality, wav
+from punchline.lab.loopback import Network, SupernodeKiller, call_with_sample, pesq_of_recording
 
 REPORT_FIELDS = {"connected", "peer", "path", "paths", "setup_ms", "duration_s", "rtt_ms", "loss",
                  "jitter_ms", "bytes_sent", "bytes_received"}  # fmt: skip
@@ -32,27 +28,10 @@ def network(tmp_path: Path) -> Iterator[Network]:
         net.stop()
 
 
-def _wait_recording(net: Network, path: Path, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and (net.status("bob").get("call") or {}).get("state") != "active":
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no recording at {path}\n{net.logs()}")
-
-
 def _call(net: Network, *extra: str) -> dict[str, Any]:
-    sample = wav.speech_sample()
-    result = net.cli("call", "bob", "--data", str(net.root / "alice"), "--play", str(sample),
-                     "--json", *extra)  # fmt: skip
-    assert result.returncode == 0, result.stderr + net.logs()
-    report = json.loads(result.stdout)
-    assert isinstance(report, dict)
+    report = call_with_sample(net, "alice", "bob", net.root / "bob-recording.wav", *extra)
+    assert set(report) >= REPORT_FIELDS, report
     return report
-
-
-def _pesq(recording: Path) -> float:
-    return quality.pesq_wb(wav.read_wav(wav.speech_sample()), wav.read_wav(recording))
 
 
 def test_call_carries_speech_end_to_end(network: Network) -> None:
@@ -69,8 +48,7 @@ def test_call_carries_speech_end_to_end(network: Network) -> None:
     assert 9.0 < float(report["duration_s"]) < 12.0  # the sample is 9.7 s
     assert report["loss"] == 0.0
     assert int(report["bytes_received"]) > 0
-    _wait_recording(network, recording)
-    score = _pesq(recording)
+    score = pesq_of_recording(recording)
     print(f"PESQ-WB of the recording: {score:.2f}")
     assert score >= 3.8
 
@@ -79,32 +57,17 @@ def test_callee_supernode_dies_mid_call(network: Network) -> None:
     recording = network.root / "bob-recording.wav"
     network.start_daemon("bob", "--auto-answer", "--record", str(recording))
     network.start_daemon("alice")
-    doomed = network.supernode_of("bob")
-    moved: dict[str, float] = {}
-
-    def kill_then_watch() -> None:
-        time.sleep(3.0)
-        doomed.kill()
-        killed = time.monotonic()
-        while time.monotonic() - killed < 10:
-            node = network.status("bob").get("supernode")
-            if node and node["node_id"] != doomed.node_id:
-                moved["after_s"] = time.monotonic() - killed
-                return
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=kill_then_watch)
-    watcher.start()
+    killer = SupernodeKiller(network, "bob", delay=3.0, watch=10.0)
+    killer.start()
     report = _call(network)
-    watcher.join()
+    killer.join()
     assert report["connected"] is True
     assert float(report["duration_s"]) > 9.0
     assert report["loss"] == 0.0, report  # media is peer to peer: no gap
-    assert "after_s" in moved, network.logs()
-    print(f"bob re-attached {moved['after_s']:.2f} s after its supernode was killed")
-    assert moved["after_s"] <= 5.0
-    _wait_recording(network, recording)
-    assert _pesq(recording) >= 3.8
+    assert killer.reattach_s is not None, network.logs()
+    print(f"bob re-attached {killer.reattach_s:.2f} s after its supernode was killed")
+    assert killer.reattach_s <= 5.0
+    assert pesq_of_recording(recording) >= 3.8
 
 
 def test_call_across_two_supernodes_through_the_dht(network: Network) -> None:

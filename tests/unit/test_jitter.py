@@ -268,3 +268,36 @@ def test_slow_sender_clock_is_absorbed() -> None:
 def test_config_is_checked(bad: dict[str, float]) -> None:
     with pytest.raises(JitterConfigError):
         JitterConfig(**bad)  # type: ignore[arg-type]
+
+
+def _run_with_gap(gap_frames: int, ticks: int, config: JitterConfig) -> JitterBuffer:
+    """A steady 20 ms stream whose receiver sees frames `gap_frames` early for a while:
+    the sender paused and then caught up, so packets pile up in the buffer at once."""
+    buffer = JitterBuffer(config)
+    frame = 0.02
+    for index in range(40):
+        buffer.push(index, b"x", index * frame)
+        buffer.pop(index * frame)
+    # the sender catches up: `gap_frames` extra packets arrive at the same moment
+    start = 40
+    for index in range(start, start + gap_frames + 1):
+        buffer.push(index, b"x", start * frame)
+    for tick in range(ticks):
+        now = (start + tick) * frame
+        following = start + gap_frames + 1 + tick
+        buffer.push(following, b"x", now)
+        buffer.pop(now)
+    return buffer
+
+
+def test_a_short_burst_does_not_cut_audio() -> None:
+    buffer = _run_with_gap(3, 10, JitterConfig())  # 60 ms extra for 0.2 s
+    assert buffer.stats.skipped == 0
+    eager = _run_with_gap(3, 10, JitterConfig(skip_after_frames=1))
+    assert eager.stats.skipped > 0  # without the hysteresis the same burst cuts frames
+
+
+def test_a_sustained_excess_is_worked_off_by_skipping() -> None:
+    buffer = _run_with_gap(3, 200, JitterConfig())  # 60 ms extra for 4 s
+    assert buffer.stats.skipped >= 1
+    assert buffer.stats.lost == 0

@@ -9,7 +9,6 @@ recording's path and its wideband PESQ score against the original.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -80,28 +79,6 @@ def _certificates(net: Network) -> tuple[list[dict[str, Any]], str]:
     return users, _tamper(stores[0].certificate(), ca)
 
 
-def _call(net: Network, recording: Path) -> dict[str, Any]:
-    from punchline.voice import wav
-
-    result = net.cli("call", "bob", "--data", str(net.root / "alice"), "--play",
-                     str(wav.speech_sample()), "--json", timeout=120)  # fmt: skip
-    if result.returncode != 0:
-        raise RemoteError(f"the call failed: {result.stderr.strip()}\n{net.logs()}")
-    report: dict[str, Any] = json.loads(result.stdout)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:  # bob writes the file when he sees the hang-up
-        if recording.exists() and (net.status("bob").get("call") or {}).get("state") != "active":
-            break
-        time.sleep(0.1)
-    return report
-
-
-def _pesq(recording: Path) -> float:
-    from punchline.voice import quality, wav
-
-    return round(quality.pesq_wb(wav.read_wav(wav.speech_sample()), wav.read_wav(recording)), 2)
-
-
 def demo(
     as_json: Json = False,
     workdir: Annotated[
@@ -109,7 +86,7 @@ def demo(
     ] = None,
 ) -> None:
     """Run a login server, two supernodes and two users on loopback, and a call between them."""
-    from punchline.lab.loopback import Network
+    from punchline.lab.loopback import Network, call_with_sample, pesq_of_recording
 
     environment.require_opendht()
 
@@ -140,10 +117,12 @@ def demo(
             where = net.status(user).get("supernode") or {}
             say(f"[4/6] {user} is online via supernode {where.get('node_id')}")
         say("[5/6] alice calls bob and plays a speech sample; bob answers and records")
-        report = _call(net, recording)
+        report = call_with_sample(net, "alice", "bob", recording)
+        if not report.get("connected"):
+            raise RemoteError(f"the call did not connect: {report.get('end_reason')}")
     finally:
         net.stop()
-    score = _pesq(recording) if recording.exists() else None
+    score = round(pesq_of_recording(recording), 2) if recording.exists() else None
     result = {
         "auth_url": net.auth.url if net.auth else None,
         "ca_fingerprint": net.auth.ca_fingerprint if net.auth else None,

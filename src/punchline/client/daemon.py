@@ -399,8 +399,15 @@ class Daemon:
         loop = asyncio.get_running_loop()
         step = FRAME_MS / 1000.0
         next_tick = loop.time()
+        wall_start = time.time()
+        frames = 0
         while active.call.state is CallState.ACTIVE and active.media is not None:
-            now = time.time()
+            # The playout clock is the ideal 20 ms tick, not the moment this loop got to run:
+            # after a stall of our own event loop the catch-up ticks keep their scheduled
+            # times, so the jitter buffer does not mistake our lateness for the network's and
+            # cut audio to catch up (a sound card consumes frames on that ideal clock too).
+            now = wall_start + frames * step
+            frames += 1
             media = active.media
             path = "direct"
             if media.remote is not None and (not active.paths or active.paths[-1]["path"] != path):

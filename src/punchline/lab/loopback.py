@@ -13,6 +13,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,3 +160,56 @@ class Network:
     def logs(self) -> str:
         parts = [f"--- {p.name}\n{p.tail()}" for p in [*self.supernodes, *self.daemons.values()]]
         return "\n".join(parts)
+
+
+def call_with_sample(
+    net: Network, caller: str, callee: str, recording: Path, *extra: str
+) -> dict[str, Any]:
+    """`caller` calls `callee` playing the shipped speech sample; waits for the recording.
+
+    The callee's daemon writes its recording when it learns of the hang-up, a moment after the
+    caller's report: wait for that so the file is complete.
+    """
+    from punchline.voice import wav
+
+    recording.unlink(missing_ok=True)
+    result = net.cli("call", callee, "--data", str(net.root / caller), "--play",
+                     str(wav.speech_sample()), "--json", *extra, timeout=120)  # fmt: skip
+    if result.returncode not in (0, 1) or not result.stdout.strip():
+        raise NotReady(f"the call failed: {result.stderr.strip()}\n{net.logs()}")
+    report: dict[str, Any] = json.loads(result.stdout)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and report.get("connected"):
+        state = (net.status(callee).get("call") or {}).get("state")
+        if recording.exists() and state != "active":
+            break
+        time.sleep(0.05)
+    return report
+
+
+def pesq_of_recording(recording: Path) -> float:
+    """Wideband PESQ of a recording of the shipped speech sample against the original."""
+    from punchline.voice import quality, wav
+
+    return quality.pesq_wb(wav.read_wav(wav.speech_sample()), wav.read_wav(recording))
+
+
+class SupernodeKiller(threading.Thread):
+    """Kills `user`'s supernode after `delay` seconds and times how long until it re-attaches."""
+
+    def __init__(self, net: Network, user: str, delay: float, watch: float = 15.0) -> None:
+        super().__init__(daemon=True)
+        self.net, self.user, self.delay, self.watch = net, user, delay, watch
+        self.doomed = net.supernode_of(user)
+        self.reattach_s: float | None = None
+
+    def run(self) -> None:
+        time.sleep(self.delay)
+        self.doomed.kill()
+        killed = time.monotonic()
+        while time.monotonic() - killed < self.watch:
+            node = self.net.status(self.user).get("supernode")
+            if node and node["node_id"] != self.doomed.node_id:
+                self.reattach_s = time.monotonic() - killed
+                return
+            time.sleep(0.05)

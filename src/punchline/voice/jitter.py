@@ -69,6 +69,9 @@ class JitterConfig:
         stream is taken to have paused: the buffer goes idle and re-anchors on the next packet.
     resync_frames: a packet this many frames ahead of playout means the sender restarted or
         jumped; the buffer drops its state and starts over from that packet.
+    skip_after_frames: playout must run more than a frame late for this many consecutive
+        ticks before a frame is dropped to catch up. Dropping 20 ms of speech is audible
+        (about -0.4 PESQ); a burst after a sender's scheduling hiccup passes on its own.
     """
 
     frame_ms: int = 20
@@ -80,6 +83,7 @@ class JitterConfig:
     base_window_frames: int = 100
     idle_after_frames: int = 5
     resync_frames: int = 250
+    skip_after_frames: int = 25
 
     def __post_init__(self) -> None:
         if self.frame_ms <= 0:
@@ -168,6 +172,7 @@ class JitterBuffer:
         self._next: int | None = None  # the next index to play
         self._playing = False
         self._underrun = 0
+        self._late_ticks = 0
         # Start J where the target equals initial_delay_ms; measurements then move it.
         self._jitter = self.config.initial_delay_ms / 1000.0 / self.config.jitter_multiplier
         self._target = self.config.initial_delay_ms / 1000.0
@@ -252,7 +257,12 @@ class JitterBuffer:
             if lateness < -self._frame / 2:
                 self._stretched += 1
                 return _STRETCH
-            if lateness > self._frame and self._buffer and max(self._buffer) > self._next:
+            running_late = (
+                lateness > self._frame and self._buffer and max(self._buffer) > self._next
+            )
+            self._late_ticks = self._late_ticks + 1 if running_late else 0
+            if running_late and self._late_ticks >= self.config.skip_after_frames:
+                self._late_ticks = 0
                 if self._buffer.pop(self._next, None) is not None:
                     self._skipped += 1
                 else:
