@@ -78,6 +78,9 @@ def up(
     supernode: Annotated[
         str | None, typer.Option(help="Node id of the supernode to attach to first.")
     ] = None,
+    renewal_check: Annotated[
+        float, typer.Option(hidden=True, help="Seconds between certificate renewal checks.")
+    ] = 600.0,
 ) -> None:
     """Go online: attach to a supernode, publish presence, take and place calls."""
     from punchline.client.daemon import Daemon, DaemonConfig
@@ -87,7 +90,8 @@ def up(
     identity_store = store(data)
     if play is not None:
         wav.read_wav(play)
-    config = DaemonConfig(identity_store.dir, auto_answer, play, record, prefer=supernode)
+    config = DaemonConfig(identity_store.dir, auto_answer, play, record, prefer=supernode,
+                          renewal_check_interval=renewal_check)  # fmt: skip
     asyncio.run(Daemon(config).run())
 
 

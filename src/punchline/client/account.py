@@ -155,18 +155,20 @@ def signed_request(
     return body, signed.sign(key, REQUEST_CONTEXT, body)
 
 
-def renew(store: IdentityStore, timeout: float = 10.0) -> Identity:
+def renew(
+    store: IdentityStore, timeout: float = 10.0, role: certs.Role = certs.Role.USER
+) -> Identity:
     """Trade the current, still valid certificate for a fresh one; no password needed."""
     now = time.time()
-    identity = current(store, now)
+    identity = current(store, now, role)
     ca = store.pinned_ca()
     assert ca is not None
     body, signature = signed_request(store.key(), certs.to_pem(store.certificate()), {})
     with AuthClient(identity.profile.auth_url, ca, timeout) as http:
         answer = http.post_signed("/v1/renew", body, signature)
-    store.save_credentials(identity.profile, str(answer.get("certificate")))
+    store.save_credentials(identity.profile, str(answer.get("certificate")), role)
     log.info("certificate renewed", user=identity.profile.user, expires=answer.get("cert_expires"))
-    return current(store, time.time())
+    return current(store, time.time(), role)
 
 
 @dataclass(frozen=True)
@@ -176,18 +178,20 @@ class Freshness:
     problem: str | None = None
 
 
-def ensure_fresh(store: IdentityStore, now: float, timeout: float = 3.0) -> Freshness:
+def ensure_fresh(
+    store: IdentityStore, now: float, timeout: float = 3.0, role: certs.Role = certs.Role.USER
+) -> Freshness:
     """Renew when the policy says so and the server answers; otherwise keep what we have.
 
     An unreachable login server is not an error here: the certificate stays valid offline,
     which is the point of the design. An expired certificate is, because only a password
     login can replace it.
     """
-    identity = current(store, now)
+    identity = current(store, now, role)
     if not renewal.due(identity.info, now):
         return Freshness(identity, renewed=False)
     try:
-        return Freshness(renew(store, timeout), renewed=True)
+        return Freshness(renew(store, timeout, role), renewed=True)
     except RemoteError as exc:
         log.warning("certificate renewal failed; keeping the current one", reason=str(exc))
         return Freshness(identity, renewed=False, problem=str(exc))

@@ -29,7 +29,7 @@ from punchline.client import account, control
 from punchline.client.store import IdentityStore
 from punchline.crypto import handshake
 from punchline.errors import LocalError
-from punchline.identity import keys
+from punchline.identity import certs, keys
 from punchline.session.channel import ChannelConfig
 from punchline.session.outbound import Identity, OutboundSession, State
 from punchline.voice import wav
@@ -53,6 +53,8 @@ class DaemonConfig:
     prefer: str | None = None
     # A supernode that failed is avoided for this long when re-attaching.
     avoid_failed_for: float = 30.0
+    # How often to check whether the certificate is due for renewal.
+    renewal_check_interval: float = 600.0
     # Presence records live this long and are republished well before they expire.
     record_lifetime: float = 150.0
     republish_interval: float = 45.0
@@ -138,7 +140,12 @@ class Daemon:
             await self.stop()
 
     async def start(self) -> None:
-        freshness = await asyncio.to_thread(account.ensure_fresh, self.store, time.time())
+        try:
+            freshness = await asyncio.to_thread(account.ensure_fresh, self.store, time.time())
+        except certs.CertificateExpired as exc:
+            raise LocalError(
+                f"{exc}; log in again with `punchline login NAME` to get a new certificate"
+            ) from exc
         ca = self.store.pinned_ca()
         assert ca is not None
         self.identity = Identity(self.store.key(), self.store.certificate(), ca)
@@ -160,6 +167,19 @@ class Daemon:
         log.info("daemon started", user=self.user, device=self.device,
                  supernodes=len(self.supernodes))  # fmt: skip
         self._attach(time.time())
+        self._spawn(self._renewals())
+
+    async def _renewals(self) -> None:
+        """Renew the certificate while running (it lasts a day); new sessions and the
+        presence record carry the fresh one. The login server being away is not an error."""
+        while True:
+            await asyncio.sleep(self.config.renewal_check_interval)
+            freshness = await asyncio.to_thread(account.ensure_fresh, self.store, time.time())
+            if freshness.renewed and self.identity is not None:
+                self.identity = Identity(self.identity.key, self.store.certificate(),
+                                         self.identity.ca)  # fmt: skip
+                self._publish(time.time())
+                self._pump(time.time())
 
     def _bootstrap_supernodes(self) -> list[Supernode]:
         listing = self.store.bootstrap() or {}

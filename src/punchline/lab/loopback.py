@@ -80,8 +80,9 @@ class Network:
     # The operator's enrolment secret of this throw-away network.
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(16))
 
-    def start_auth(self) -> None:
-        self.auth = launcher.start(self.root / "auth", extra_args=["--enroll-secret", self.secret])
+    def start_auth(self, *extra: str) -> None:
+        args = ["--enroll-secret", self.secret, *extra]
+        self.auth = launcher.start(self.root / "auth", extra_args=args)
 
     def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.root / f"{name}.log"

@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from punchline.client import account
 from punchline.client.store import IdentityStore
 from punchline.errors import LocalError
 from punchline.identity import certs, keys
@@ -233,9 +234,19 @@ class SupernodeServer:
             try:
                 listing = await asyncio.to_thread(enrolment.heartbeat, self.store, addresses)
                 self._bootstrap_dht(listing)
+                await self._renew_if_due()
             except Exception as exc:  # the login server may be away
                 log.warning("heartbeat failed", error=str(exc))
             await asyncio.sleep(self.config.heartbeat_interval)
+
+    async def _renew_if_due(self) -> None:
+        """Node certificates last a week: renew while running, for new sessions from now on."""
+        freshness = await asyncio.to_thread(
+            account.ensure_fresh, self.store, time.time(), 10.0, certs.Role.SUPERNODE
+        )
+        if freshness.renewed and self.core is not None:
+            self.core.identity = Identity(self.core.identity.key, self.store.certificate(),
+                                          self.core.identity.ca)  # fmt: skip
 
     def _bootstrap_dht(self, listing: dict[str, Any]) -> None:
         if not isinstance(self.index, DhtIndex) or self.core is None:
