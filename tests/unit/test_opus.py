@@ -33,7 +33,7 @@ def frames_of(samples: npt.NDArray[np.int16]) -> list[npt.NDArray[np.int16]]:
 
 @pytest.fixture(scope="module")
 def packets(speech: npt.NDArray[np.int16]) -> list[bytes]:
-    encoder = OpusEncoder()
+    encoder = OpusEncoder(OpusConfig(expected_loss_pct=5))  # FEC planned, as under loss
     return [encoder.encode(frame) for frame in frames_of(speech)]
 
 
