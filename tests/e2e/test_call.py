@@ -83,3 +83,15 @@ def test_call_across_two_supernodes_through_the_dht(network: Network) -> None:
     assert report["connected"] is True, report
     assert report["setup_ms"] < 2000
     assert report["loss"] == 0.0
+
+
+def test_a_daemon_finds_supernodes_enrolled_after_its_login(tmp_path: Path) -> None:
+    net = Network(tmp_path)
+    try:
+        net.start_auth()
+        net.signup("alice")  # the cached bootstrap list is empty: no supernode yet
+        node = net.start_supernode()
+        net.start_daemon("alice")  # fetches the current list at start
+        assert net.supernode_of("alice") is node
+    finally:
+        net.stop()

@@ -171,6 +171,25 @@ def renew(
     return current(store, time.time(), role)
 
 
+def refresh_bootstrap(store: IdentityStore, timeout: float = 3.0) -> bool:
+    """Fetch the current CA-signed list of live nodes into the cache, if the server answers.
+
+    Only a list that verifies against the pinned CA replaces the cache; when the login server
+    is away the cached list serves, as the design intends.
+    """
+    profile = store.require_profile()
+    ca = store.pinned_ca()
+    if ca is None:
+        return False
+    try:
+        with AuthClient(profile.auth_url, ca, timeout) as http:
+            store.save_bootstrap(http.get("/v1/bootstrap"))
+    except (RemoteError, signed.BadSignature) as exc:
+        log.info("bootstrap list not refreshed; using the cached one", reason=str(exc))
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Freshness:
     identity: Identity

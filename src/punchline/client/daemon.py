@@ -148,6 +148,7 @@ class Daemon:
             ) from exc
         ca = self.store.pinned_ca()
         assert ca is not None
+        await asyncio.to_thread(account.refresh_bootstrap, self.store)
         self.identity = Identity(self.store.key(), self.store.certificate(), ca)
         self.user = freshness.identity.profile.user
         self.device = keys.key_id(self.identity.key.public_key())
@@ -175,6 +176,8 @@ class Daemon:
         while True:
             await asyncio.sleep(self.config.renewal_check_interval)
             freshness = await asyncio.to_thread(account.ensure_fresh, self.store, time.time())
+            if await asyncio.to_thread(account.refresh_bootstrap, self.store):
+                self.supernodes = self._bootstrap_supernodes() or self.supernodes
             if freshness.renewed and self.identity is not None:
                 self.identity = Identity(self.identity.key, self.store.certificate(),
                                          self.identity.ca)  # fmt: skip
