@@ -12,7 +12,7 @@ import sys
 import typer
 
 from punchline import __version__
-from punchline.cli import account_cmds, auth_cmds, demo, network_cmds, node_cmds
+from punchline.cli import account_cmds, auth_cmds, demo, lab_cmds, network_cmds, node_cmds
 from punchline.errors import PunchlineError
 from punchline.util import logs
 
@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 app.add_typer(auth_cmds.app, name="auth")
 app.add_typer(node_cmds.app, name="node")
+app.add_typer(lab_cmds.app, name="lab")
 account_cmds.register(app)
 network_cmds.register(app)
 demo.register(app)

@@ -1,0 +1,128 @@
+"""NAT behaviours (RFC 4787 vocabulary) as nftables rulesets for a site's router.
+
+How each kind is made from Linux netfilter (conntrack does the translation; these rules only
+choose ports and what unsolicited traffic may enter):
+
+- full-cone: endpoint-independent mapping (port kept) and filtering: masquerade, and any
+  inbound UDP to a mapped port is DNATed to the host.
+- restricted-cone: endpoint-independent mapping, address-dependent filtering: as full-cone,
+  but only from addresses the host sent to (a dynamic nftables set).
+- port-restricted: endpoint-independent mapping, address-and-port-dependent filtering: plain
+  masquerade; conntrack admits only replies.
+- symmetric: address-and-port-dependent mapping with random ports: `snat ... random`, a fresh
+  random port for each destination.
+- symmetric-seq: address-and-port-dependent mapping with sequential ports: `snat to WAN :
+  numgen inc mod N map {0 : 20000, ...}`, the next port (delta 1) for each new mapping.
+- udp-blocked: masquerade, and every UDP packet from the LAN dropped.
+- tcp-web-only: only TCP to ports 80 and 443 leaves the LAN.
+
+Linux keeps the source port when it can, so masquerade is endpoint-independent mapping with
+port preservation; the other mapping behaviours are asked for explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = (
+    "open",
+    "full-cone",
+    "restricted-cone",
+    "port-restricted",
+    "symmetric",
+    "symmetric-seq",
+    "udp-blocked",
+    "tcp-web-only",
+)
+SEQ_PORT_BASE = 20000
+# Ports handed out in turn before wrapping. numgen's raw value is in host byte order, so used
+# directly as a port it steps by 256; a map from numgen to typed port values steps by 1.
+SEQ_PORT_SPAN = 512
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What `lab verify` must observe for a kind; None where the property cannot be probed."""
+
+    udp: bool
+    mapping: str | None  # endpoint-independent / address-dependent / address-and-port-dependent
+    filtering: str | None
+    allocation: str | None  # preserving / sequential / random
+    tcp_web: bool = True
+    tcp_other: bool = True
+
+
+EXPECTED = {
+    "open": Expected(True, "endpoint-independent", "endpoint-independent", "preserving"),
+    "full-cone": Expected(True, "endpoint-independent", "endpoint-independent", "preserving"),
+    "restricted-cone": Expected(True, "endpoint-independent", "address-dependent", "preserving"),
+    "port-restricted": Expected(
+        True, "endpoint-independent", "address-and-port-dependent", "preserving"
+    ),
+    "symmetric": Expected(
+        True, "address-and-port-dependent", "address-and-port-dependent", "random"
+    ),
+    "symmetric-seq": Expected(
+        True, "address-and-port-dependent", "address-and-port-dependent", "sequential"
+    ),
+    "udp-blocked": Expected(False, None, None, None),
+    "tcp-web-only": Expected(False, None, None, None, tcp_web=True, tcp_other=False),
+}
+
+
+@dataclass(frozen=True)
+class RouterPlan:
+    kind: str
+    wan_if: str
+    lan_if: str
+    wan_ip: str
+    lan_host: str  # the (first) LAN host unsolicited traffic is forwarded to, for cones
+
+
+def ruleset(plan: RouterPlan) -> str:
+    """The complete nftables ruleset for one router, replacing any previous one."""
+    wan, lan, wan_ip, host = plan.wan_if, plan.lan_if, plan.wan_ip, plan.lan_host
+    post = [f'oifname "{wan}" masquerade']
+    pre: list[str] = []
+    forward: list[str] = []
+    sets = ""
+    if plan.kind == "full-cone":
+        pre.append(f'iifname "{wan}" udp dport 1024-65535 dnat to {host}')
+    elif plan.kind == "restricted-cone":
+        sets = "  set contacted { type ipv4_addr; flags dynamic, timeout; timeout 5m; }\n"
+        forward.append(f'oifname "{wan}" ip protocol udp update @contacted {{ ip daddr }}')
+        pre.append(f'iifname "{wan}" ip saddr @contacted udp dport 1024-65535 dnat to {host}')
+    elif plan.kind == "symmetric":
+        post = [f'oifname "{wan}" ip protocol udp snat to {wan_ip}:1024-65535 random',
+                f'oifname "{wan}" masquerade']  # fmt: skip
+    elif plan.kind == "symmetric-seq":
+        ports = ", ".join(f"{i} : {SEQ_PORT_BASE + i}" for i in range(SEQ_PORT_SPAN))
+        post = [
+            f'oifname "{wan}" ip protocol udp snat to {wan_ip} : numgen inc mod '
+            f"{SEQ_PORT_SPAN} map {{ {ports} }}",
+            f'oifname "{wan}" masquerade',
+        ]
+    elif plan.kind == "udp-blocked":
+        forward.append(f'iifname "{lan}" ip protocol udp drop')
+    elif plan.kind == "tcp-web-only":
+        forward += [
+            f'iifname "{lan}" tcp dport {{ 80, 443 }} accept',
+            f'iifname "{lan}" ct state established,related accept',
+            f'iifname "{lan}" drop',
+        ]
+    elif plan.kind != "port-restricted":
+        raise ValueError(f"no router ruleset for NAT kind {plan.kind!r}")
+
+    def chain(name: str, hook: str, lines: list[str]) -> str:
+        body = "".join(f"    {line}\n" for line in lines)
+        return f"  chain {name} {{\n    type {hook};\n{body}  }}\n"
+
+    return (
+        "flush ruleset\n"
+        "table ip punchline_lab {\n"
+        + sets
+        + chain("nat_pre", "nat hook prerouting priority dstnat", pre)
+        + chain("nat_post", "nat hook postrouting priority srcnat", post)
+        + chain("filter_forward", "filter hook forward priority filter", forward)
+        + "}\n"
+    )

@@ -1,0 +1,92 @@
+"""Thin wrappers over iproute2 and nftables for the lab: one place that runs `ip` and `nft`.
+
+Every object the lab creates carries the run's prefix in its name, so `cleanup(prefix)` can
+sweep leftovers of a crashed run without touching anything else on the machine.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+
+from punchline.errors import LocalError
+
+
+class LabError(LocalError):
+    """Building or using the lab failed; the message carries the command and its error."""
+
+
+def run(argv: Sequence[str], input_text: str | None = None, check: bool = True) -> str:
+    try:
+        result = subprocess.run(
+            list(argv), input=input_text, capture_output=True, text=True, check=False, timeout=30
+        )
+    except FileNotFoundError as exc:
+        raise LabError(
+            f"{argv[0]} is not installed: the lab needs iproute2 and nftables (as root)"
+        ) from exc
+    if check and result.returncode != 0:
+        raise LabError(f"`{' '.join(argv)}` failed: {result.stderr.strip() or result.stdout}")
+    return result.stdout
+
+
+def in_ns(ns: str, argv: Sequence[str]) -> list[str]:
+    return ["ip", "netns", "exec", ns, *argv]
+
+
+def ns_run(ns: str, argv: Sequence[str], input_text: str | None = None) -> str:
+    return run(in_ns(ns, argv), input_text)
+
+
+def add_ns(name: str) -> None:
+    run(["ip", "netns", "add", name])
+    ns_run(name, ["ip", "link", "set", "lo", "up"])
+
+
+def sysctl(ns: str, key: str, value: str) -> None:
+    ns_run(ns, ["sysctl", "-qw", f"{key}={value}"])
+
+
+def nft(ns: str, ruleset: str) -> None:
+    ns_run(ns, ["nft", "-f", "-"], input_text=ruleset)
+
+
+def veth(a_ns: str, a_name: str, b_ns: str, b_name: str) -> None:
+    """A cable between two namespaces (created in the first, one end moved to the second)."""
+    ns_run(a_ns, ["ip", "link", "add", a_name, "type", "veth", "peer", "name", b_name])
+    ns_run(a_ns, ["ip", "link", "set", b_name, "netns", b_ns])
+    ns_run(a_ns, ["ip", "link", "set", a_name, "up"])
+    ns_run(b_ns, ["ip", "link", "set", b_name, "up"])
+
+
+def address(ns: str, dev: str, cidr: str) -> None:
+    ns_run(ns, ["ip", "addr", "add", cidr, "dev", dev])
+
+
+def default_route(ns: str, via: str) -> None:
+    ns_run(ns, ["ip", "route", "add", "default", "via", via])
+
+
+def list_ns(prefix: str) -> list[str]:
+    names = []
+    for line in run(["ip", "netns", "list"]).splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith(prefix):
+            names.append(name)
+    return names
+
+
+def delete_ns(name: str) -> None:
+    """Kill what runs inside, then delete: veths inside go with it."""
+    pids = run(["ip", "netns", "pids", name], check=False).split()
+    for pid in pids:
+        run(["kill", "-9", pid], check=False)
+    run(["ip", "netns", "del", name], check=False)
+
+
+def cleanup(prefix: str) -> list[str]:
+    """Remove every namespace whose name starts with `prefix`; returns what was removed."""
+    removed = list_ns(prefix)
+    for name in removed:
+        delete_ns(name)
+    return removed

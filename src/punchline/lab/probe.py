@@ -1,0 +1,156 @@
+"""Probe programs run inside lab namespaces (`python -m punchline.lab.probe ...`).
+
+- `echo`: on a public host, answers every UDP datagram with the address it came from
+  (a minimal STUN-like reflector) and accepts TCP connections, so a LAN host can learn its
+  mapped address and which ports reach out.
+- `send`: a one-shot unsolicited datagram from a given port, for filtering tests.
+- `client`: on a LAN host, runs the measurements of RFC 5780 §4: mapping behaviour (same
+  external address for two destinations?), port allocation, UDP and TCP reachability; for the
+  filtering test it prints its mapped address, waits while the orchestrator has other hosts
+  send to it, and reports what got through. Output: JSON lines on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import select
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+ECHO_PORTS = (3478, 3479)
+TCP_PORTS = (80, 443, 8080)
+
+
+def _echo(ports: list[int], tcp_ports: list[int]) -> None:
+    sockets = []
+    for port in ports:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # `send` pokes from it too
+        sock.bind(("0.0.0.0", port))  # noqa: S104 - inside a lab namespace
+        sockets.append(sock)
+    for port in tcp_ports:
+        threading.Thread(target=_tcp_accept, args=(port,), daemon=True).start()
+    print(json.dumps({"ready": True}), flush=True)
+    while True:
+        readable, _, _ = select.select(sockets, [], [])
+        for sock in readable:
+            data, addr = sock.recvfrom(2048)
+            try:
+                request = json.loads(data)
+            except ValueError:
+                continue
+            reply = {"id": request.get("id"), "seen": [addr[0], addr[1]]}
+            sock.sendto(json.dumps(reply).encode(), addr)
+
+
+def _tcp_accept(port: int) -> None:
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", port))  # noqa: S104 - inside a lab namespace
+    server.listen(16)
+    while True:
+        conn, _ = server.accept()
+        conn.sendall(b"ok\n")
+        conn.close()
+
+
+def _send(target: str, port: int, from_port: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("0.0.0.0", from_port))  # noqa: S104 - inside a lab namespace
+    for _ in range(3):
+        sock.sendto(b'{"poke": true}', (target, port))
+        time.sleep(0.05)
+
+
+def _ask(sock: socket.socket, server: tuple[str, int], tries: int = 3) -> tuple[str, int] | None:
+    for attempt in range(tries):
+        sock.sendto(json.dumps({"id": attempt}).encode(), server)
+        sock.settimeout(0.5)
+        try:
+            while True:
+                data, addr = sock.recvfrom(2048)
+                if addr == server:
+                    seen = json.loads(data)["seen"]
+                    return str(seen[0]), int(seen[1])
+        except TimeoutError:
+            continue
+    return None
+
+
+def _udp() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", 0))  # noqa: S104 - inside a lab namespace
+    return sock
+
+
+def _tcp_reaches(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0) as conn:
+            return conn.recv(3) == b"ok\n"
+    except OSError:
+        return False
+
+
+def _client(p1: str, p2: str, wait: float) -> None:
+    main = _udp()
+    result: dict[str, Any] = {"local_port": main.getsockname()[1]}
+    result["p1"] = _ask(main, (p1, ECHO_PORTS[0]))
+    result["udp"] = result["p1"] is not None
+    if result["udp"]:
+        result["p2"] = _ask(main, (p2, ECHO_PORTS[0]))
+        result["p1_other_port"] = _ask(main, (p1, ECHO_PORTS[1]))
+        allocations = []
+        for _ in range(4):
+            sock = _udp()
+            seen = _ask(sock, (p1, ECHO_PORTS[0]))
+            allocations.append([sock.getsockname()[1], seen[1] if seen else None])
+            sock.close()
+        result["allocations"] = allocations
+        filtered = _udp()
+        mapped = _ask(filtered, (p1, ECHO_PORTS[0]))
+        print(json.dumps({"filtering_ready": mapped}), flush=True)
+        sys.stdin.readline()  # the orchestrator says when the pokes are sent
+        got = set()
+        deadline = time.monotonic() + wait
+        filtered.settimeout(0.1)
+        while time.monotonic() < deadline:
+            try:
+                _data, addr = filtered.recvfrom(2048)
+            except TimeoutError:
+                continue
+            got.add(f"{addr[0]}:{addr[1]}")
+        result["unsolicited_from"] = sorted(got)
+    result["tcp"] = {str(port): _tcp_reaches(p1, port) for port in TCP_PORTS}
+    print(json.dumps({"result": result}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m punchline.lab.probe")
+    sub = parser.add_subparsers(dest="command", required=True)
+    echo = sub.add_parser("echo")
+    echo.add_argument("--port", type=int, action="append", default=[])
+    echo.add_argument("--tcp-port", type=int, action="append", default=[])
+    send = sub.add_parser("send")
+    send.add_argument("--to", required=True)
+    send.add_argument("--port", type=int, required=True)
+    send.add_argument("--from-port", type=int, required=True)
+    client = sub.add_parser("client")
+    client.add_argument("--p1", required=True)
+    client.add_argument("--p2", required=True)
+    client.add_argument("--wait", type=float, default=1.0)
+    args = parser.parse_args()
+    if args.command == "echo":
+        _echo(args.port or list(ECHO_PORTS), args.tcp_port or list(TCP_PORTS))
+    elif args.command == "send":
+        _send(args.to, args.port, args.from_port)
+    else:
+        _client(args.p1, args.p2, args.wait)
+
+
+if __name__ == "__main__":
+    main()

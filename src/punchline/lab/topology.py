@@ -1,0 +1,148 @@
+"""The lab's shape: an Internet bridge with public hosts, and sites behind NAT routers.
+
+Everything lives in network namespaces named `pl<run id>-...`: the "internet" namespace holds
+the bridge, each public host and each router has its own namespace, and each site's LAN hosts
+sit behind their router on a LAN bridge. Nothing is connected to the machine's own network, so
+lab traffic can never leave it. Leaving the context manager (normally, on an exception or on
+Ctrl-C) removes every namespace of the run, with the processes inside.
+
+Addresses: public 203.0.113.0/24 (TEST-NET-3): hosts from .10, routers' WAN side from .100;
+site n's LAN is 10.n.0.0/24 with the router at .1 and hosts from .10.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from punchline.lab import nat_types, netns
+from punchline.lab.netns import LabError
+
+PUBLIC_NET = "203.0.113"
+PREFIX = "pl"
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    ns: str
+    ip: str
+
+
+@dataclass
+class Site:
+    name: str
+    kind: str
+    router_ns: str | None
+    wan_ip: str
+    hosts: list[Host] = field(default_factory=list)
+
+    @property
+    def host(self) -> Host:
+        return self.hosts[0]
+
+
+class Lab:
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = run_id or secrets.token_hex(3)
+        self.prefix = f"{PREFIX}{self.run_id}-"
+        self.internet = self.prefix + "internet"
+        self.public: dict[str, Host] = {}
+        self.sites: dict[str, Site] = {}
+        self._ports = 0
+        self._sites = 0
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> Lab:
+        try:
+            netns.add_ns(self.internet)
+            netns.ns_run(self.internet, ["ip", "link", "add", "br0", "type", "bridge"])
+            netns.ns_run(self.internet, ["ip", "link", "set", "br0", "up"])
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        netns.cleanup(self.prefix)
+
+    # ----------------------------------------------------------------- building
+
+    def _uplink(self, ns: str, ip: str) -> None:
+        """Connect `ns` to the Internet bridge with address `ip` on its `wan` interface."""
+        self._ports += 1
+        port = f"p{self._ports}"
+        netns.veth(self.internet, port, ns, "wan")
+        netns.ns_run(self.internet, ["ip", "link", "set", port, "master", "br0"])
+        netns.address(ns, "wan", f"{ip}/24")
+
+    def add_public_host(self, name: str) -> Host:
+        ns = self.prefix + name
+        ip = f"{PUBLIC_NET}.{10 + len(self.public)}"
+        netns.add_ns(ns)
+        self._uplink(ns, ip)
+        host = Host(name, ns, ip)
+        self.public[name] = host
+        return host
+
+    def add_site(self, name: str, kind: str, hosts: int = 1) -> Site:
+        if kind not in nat_types.KINDS:
+            raise LabError(f"unknown site kind {kind!r}; known: {', '.join(nat_types.KINDS)}")
+        if kind == "open":
+            host = self.add_public_host(name)
+            site = Site(name, kind, None, host.ip, [host])
+            self.sites[name] = site
+            return site
+        self._sites += 1
+        index = self._sites
+        router = self.prefix + name
+        wan_ip = f"{PUBLIC_NET}.{100 + index}"
+        netns.add_ns(router)
+        self._uplink(router, wan_ip)
+        netns.ns_run(router, ["ip", "link", "add", "lan", "type", "bridge"])
+        netns.ns_run(router, ["ip", "link", "set", "lan", "up"])
+        netns.address(router, "lan", f"10.{index}.0.1/24")
+        netns.sysctl(router, "net.ipv4.ip_forward", "1")
+        site = Site(name, kind, router, wan_ip)
+        for number in range(hosts):
+            ns = f"{router}-h{number + 1}"
+            ip = f"10.{index}.0.{10 + number}"
+            netns.add_ns(ns)
+            netns.veth(router, f"l{number + 1}", ns, "eth0")
+            netns.ns_run(router, ["ip", "link", "set", f"l{number + 1}", "master", "lan"])
+            netns.address(ns, "eth0", f"{ip}/24")
+            netns.default_route(ns, f"10.{index}.0.1")
+            site.hosts.append(Host(f"{name}-h{number + 1}", ns, ip))
+        plan = nat_types.RouterPlan(kind, "wan", "lan", wan_ip, site.hosts[0].ip)
+        netns.nft(router, nat_types.ruleset(plan))
+        self.sites[name] = site
+        return site
+
+    # ----------------------------------------------------------------- running things
+
+    def popen(self, host: Host, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(netns.in_ns(host.ns, argv), text=True, **kwargs)
+
+    def run(self, host: Host, argv: Sequence[str], timeout: float = 30) -> str:
+        result = subprocess.run(
+            netns.in_ns(host.ns, argv), capture_output=True, text=True, timeout=timeout,
+            check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise LabError(f"{' '.join(argv)} failed in {host.name}: {result.stderr.strip()}")
+        return result.stdout
+
+    def python(self, host: Host, module: str, *args: str) -> list[str]:
+        """argv to run one of punchline's modules with this Python inside a namespace."""
+        return [sys.executable, "-m", module, *args]
