@@ -31,6 +31,14 @@ def test_lab_verify_passes_for_every_kind() -> None:
     assert [k["kind"] for k in report["kinds"]] == list(nat_types.KINDS)
 
 
+def test_double_nat_shows_the_worse_of_its_two_nats() -> None:
+    kind = "double:full-cone/symmetric-seq"
+    (row,) = verify.verify((kind,), (sys.executable, "-m", "punchline.lab.probe"))
+    assert row.ok, row.details
+    assert row.observed.mapping == verify.APDM
+    assert row.observed.allocation == "sequential"
+
+
 def test_classification_tells_the_kinds_apart() -> None:
     """The classifier is not trivially 'ok': different kinds give different observations."""
     rows = verify.verify(("full-cone", "symmetric"), (sys.executable, "-m", "punchline.lab.probe"))

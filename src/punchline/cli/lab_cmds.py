@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -31,7 +31,7 @@ def verify_command(
 
     _need_root()
     chosen = tuple(k.strip() for k in kinds.split(",")) if kinds else nat_types.KINDS
-    unknown = [k for k in chosen if k not in nat_types.KINDS]
+    unknown = [k for k in chosen if k.split(":")[0] not in nat_types.KINDS]
     if unknown:
         raise LocalError(
             f"unknown kind(s) {', '.join(unknown)}; known: {', '.join(nat_types.KINDS)}"
@@ -41,20 +41,27 @@ def verify_command(
     if as_json:
         emit_json({"ok": all(r.ok for r in rows), "kinds": [r.as_json() for r in rows]})
     else:
-        header = (
-            f"{'kind':<16} {'mapping':<27} {'filtering':<27} {'ports':<11} udp tcp80/443 tcp8080"
-        )
-        typer.echo(header)
-        for row in rows:
-            o = row.observed
-            typer.echo(
-                f"{row.kind:<16} {o.mapping or '-':<27} {o.filtering or '-':<27} "
-                f"{o.allocation or '-':<11} {'yes' if o.udp else 'no':<3} "
-                f"{'yes' if o.tcp_web else 'no':<9} {'yes' if o.tcp_other else 'no':<7} "
-                + ("ok" if row.ok else "MISMATCH (expected " + str(row.expected) + ")")
-            )
+        _table(rows)
     if not all(r.ok for r in rows):
         raise typer.Exit(1)
+
+
+def _table(rows: list[Any]) -> None:
+    width = max(len(r.kind) for r in rows) + 1
+
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "no"
+
+    typer.echo(f"{'kind':<{width}} {'mapping':<27} {'filtering':<27} {'ports':<11} "
+               "udp tcp80/443 tcp8080 proxy verdict")  # fmt: skip
+    for row in rows:
+        o = row.observed
+        verdict = "ok" if row.ok else f"MISMATCH (expected {row.expected})"
+        typer.echo(
+            f"{row.kind:<{width}} {o.mapping or '-':<27} {o.filtering or '-':<27} "
+            f"{o.allocation or '-':<11} {yes(o.udp):<3} {yes(o.tcp_web):<9} "
+            f"{yes(o.tcp_other):<7} {yes(o.proxy):<5} {verdict}"
+        )
 
 
 @app.command()

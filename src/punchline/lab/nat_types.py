@@ -33,7 +33,11 @@ KINDS = (
     "symmetric-seq",
     "udp-blocked",
     "tcp-web-only",
+    "proxy-only",
+    "double",
 )
+PROXY_PORT = 8888
+ORDER = ("endpoint-independent", "address-dependent", "address-and-port-dependent")
 SEQ_PORT_BASE = 20000
 # Ports handed out in turn before wrapping. numgen's raw value is in host byte order, so used
 # directly as a port it steps by 256; a map from numgen to typed port values steps by 1.
@@ -50,6 +54,7 @@ class Expected:
     allocation: str | None  # preserving / sequential / random
     tcp_web: bool = True
     tcp_other: bool = True
+    proxy: bool = False  # an HTTP CONNECT proxy on the router reaches port 443
 
 
 EXPECTED = {
@@ -67,7 +72,54 @@ EXPECTED = {
     ),
     "udp-blocked": Expected(False, None, None, None),
     "tcp-web-only": Expected(False, None, None, None, tcp_web=True, tcp_other=False),
+    "proxy-only": Expected(False, None, None, None, tcp_web=False, tcp_other=False, proxy=True),
 }
+
+
+def parse_double(kind: str) -> tuple[str, str]:
+    """`double` or `double:INNER/OUTER` (home NAT / carrier NAT) into its two kinds."""
+    if kind == "double":
+        return "port-restricted", "port-restricted"
+    inner, _, outer = kind.removeprefix("double:").partition("/")
+    for part in (inner, outer):
+        if part not in EXPECTED or part in ("open", "proxy-only"):
+            raise ValueError(f"{kind!r}: each side of a double NAT must be a NAT kind")
+    return inner, outer
+
+
+def _worse(a: str | None, b: str | None) -> str | None:
+    if a is None or b is None:
+        return None
+    return ORDER[max(ORDER.index(a), ORDER.index(b))]
+
+
+def expected(kind: str) -> Expected:
+    """What a kind must show; a double NAT shows the worse of its two NATs at each point."""
+    if not kind.startswith("double"):
+        return EXPECTED[kind]
+    inner, outer = (EXPECTED[k] for k in parse_double(kind))
+    allocation = inner.allocation if outer.allocation == "preserving" else outer.allocation
+    if not (inner.udp and outer.udp):
+        allocation = None
+    return Expected(
+        inner.udp and outer.udp,
+        _worse(inner.mapping, outer.mapping),
+        _worse(inner.filtering, outer.filtering),
+        allocation,
+        inner.tcp_web and outer.tcp_web,
+        inner.tcp_other and outer.tcp_other,
+    )
+
+
+def tinyproxy_config(listen: str, allow: str, workdir: str, auth: tuple[str, str] | None) -> str:
+    lines = [
+        "User nobody", "Group nogroup", f"Port {PROXY_PORT}", f"Listen {listen}",
+        f"Allow {allow}", "ConnectPort 443", "ConnectPort 80", f'PidFile "{workdir}/tp.pid"',
+        f'LogFile "{workdir}/tp.log"', "LogLevel Info", "MaxClients 50", "Timeout 60",
+    ]  # fmt: skip
+    if auth is not None:
+        lines.append(f"BasicAuth {auth[0]} {auth[1]}")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -110,6 +162,8 @@ def ruleset(plan: RouterPlan) -> str:
             f'iifname "{lan}" ct state established,related accept',
             f'iifname "{lan}" drop',
         ]
+    elif plan.kind == "proxy-only":
+        forward.append(f'iifname "{lan}" drop')  # the proxy on the router is the only way out
     elif plan.kind != "port-restricted":
         raise ValueError(f"no router ruleset for NAT kind {plan.kind!r}")
 

@@ -52,9 +52,15 @@ def nft(ns: str, ruleset: str) -> None:
 
 
 def veth(a_ns: str, a_name: str, b_ns: str, b_name: str) -> None:
-    """A cable between two namespaces (created in the first, one end moved to the second)."""
-    ns_run(a_ns, ["ip", "link", "add", a_name, "type", "veth", "peer", "name", b_name])
-    ns_run(a_ns, ["ip", "link", "set", b_name, "netns", b_ns])
+    """A cable between two namespaces (created in the first, one end moved to the second).
+
+    The far end is born under a temporary name and renamed once moved, so it may share its
+    final name with an interface of the first namespace (every router has a `wan`).
+    """
+    temporary = f"t{a_name}"[:15]
+    ns_run(a_ns, ["ip", "link", "add", a_name, "type", "veth", "peer", "name", temporary])
+    ns_run(a_ns, ["ip", "link", "set", temporary, "netns", b_ns])
+    ns_run(b_ns, ["ip", "link", "set", temporary, "name", b_name])
     ns_run(a_ns, ["ip", "link", "set", a_name, "up"])
     ns_run(b_ns, ["ip", "link", "set", b_name, "up"])
 

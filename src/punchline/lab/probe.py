@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import select
 import socket
@@ -96,7 +97,36 @@ def _tcp_reaches(host: str, port: int) -> bool:
         return False
 
 
-def _client(p1: str, p2: str, wait: float) -> None:
+def _through_proxy(proxy: str, auth: str | None, host: str, port: int) -> bool:
+    """HTTP CONNECT (RFC 9110 §9.3.6) to host:port through the proxy, then read our echo."""
+    proxy_host, proxy_port = proxy.rsplit(":", 1)
+    request = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    if auth:
+        token = base64.b64encode(auth.encode()).decode()
+        request += f"Proxy-Authorization: Basic {token}\r\n"
+    try:
+        with socket.create_connection((proxy_host, int(proxy_port)), timeout=3.0) as conn:
+            conn.sendall((request + "\r\n").encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(1024)
+                if not chunk:
+                    return False
+                head += chunk
+            if b" 200 " not in head.split(b"\r\n", 1)[0]:
+                return False
+            rest = head.split(b"\r\n\r\n", 1)[1]
+            while len(rest) < 3:
+                chunk = conn.recv(16)
+                if not chunk:
+                    break
+                rest += chunk
+            return rest.startswith(b"ok\n")
+    except OSError:
+        return False
+
+
+def _client(p1: str, p2: str, wait: float, proxy: str | None, proxy_auth: str | None) -> None:
     main = _udp()
     result: dict[str, Any] = {"local_port": main.getsockname()[1]}
     result["p1"] = _ask(main, (p1, ECHO_PORTS[0]))
@@ -126,6 +156,9 @@ def _client(p1: str, p2: str, wait: float) -> None:
             got.add(f"{addr[0]}:{addr[1]}")
         result["unsolicited_from"] = sorted(got)
     result["tcp"] = {str(port): _tcp_reaches(p1, port) for port in TCP_PORTS}
+    if proxy:
+        result["proxy"] = _through_proxy(proxy, proxy_auth, p1, 443)
+        result["proxy_without_auth"] = _through_proxy(proxy, None, p1, 443) if proxy_auth else None
     print(json.dumps({"result": result}), flush=True)
 
 
@@ -143,13 +176,15 @@ def main() -> None:
     client.add_argument("--p1", required=True)
     client.add_argument("--p2", required=True)
     client.add_argument("--wait", type=float, default=1.0)
+    client.add_argument("--proxy", help="HOST:PORT of an HTTP CONNECT proxy to try")
+    client.add_argument("--proxy-auth", help="USER:PASSWORD for the proxy")
     args = parser.parse_args()
     if args.command == "echo":
         _echo(args.port or list(ECHO_PORTS), args.tcp_port or list(TCP_PORTS))
     elif args.command == "send":
         _send(args.to, args.port, args.from_port)
     else:
-        _client(args.p1, args.p2, args.wait)
+        _client(args.p1, args.p2, args.wait, args.proxy, args.proxy_auth)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,14 @@ site n's LAN is 10.n.0.0/24 with the router at .1 and hosts from .10.
 from __future__ import annotations
 
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -41,6 +45,8 @@ class Site:
     router_ns: str | None
     wan_ip: str
     hosts: list[Host] = field(default_factory=list)
+    proxy: tuple[str, int] | None = None
+    proxy_auth: tuple[str, str] | None = None
 
     @property
     def host(self) -> Host:
@@ -56,6 +62,8 @@ class Lab:
         self.sites: dict[str, Site] = {}
         self._ports = 0
         self._sites = 0
+        self._processes: list[subprocess.Popen[bytes]] = []
+        self._dirs: list[Path] = []
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -75,7 +83,12 @@ class Lab:
         self.close()
 
     def close(self) -> None:
+        for process in self._processes:
+            process.kill()
+            process.wait()
         netns.cleanup(self.prefix)
+        for directory in self._dirs:
+            shutil.rmtree(directory, ignore_errors=True)
 
     # ----------------------------------------------------------------- building
 
@@ -96,8 +109,12 @@ class Lab:
         self.public[name] = host
         return host
 
-    def add_site(self, name: str, kind: str, hosts: int = 1) -> Site:
-        if kind not in nat_types.KINDS:
+    def add_site(
+        self, name: str, kind: str, hosts: int = 1, proxy_auth: tuple[str, str] | None = None
+    ) -> Site:
+        """A site of `kind`: `open`, a NAT kind, `proxy-only` or `double[:INNER/OUTER]`."""
+        base = "double" if kind.startswith("double") else kind
+        if base not in nat_types.KINDS:
             raise LabError(f"unknown site kind {kind!r}; known: {', '.join(nat_types.KINDS)}")
         if kind == "open":
             host = self.add_public_host(name)
@@ -110,24 +127,72 @@ class Lab:
         wan_ip = f"{PUBLIC_NET}.{100 + index}"
         netns.add_ns(router)
         self._uplink(router, wan_ip)
-        netns.ns_run(router, ["ip", "link", "add", "lan", "type", "bridge"])
-        netns.ns_run(router, ["ip", "link", "set", "lan", "up"])
-        netns.address(router, "lan", f"10.{index}.0.1/24")
-        netns.sysctl(router, "net.ipv4.ip_forward", "1")
+        inner_kind, home = kind, router
+        if base == "double":
+            try:
+                inner_kind, outer_kind = nat_types.parse_double(kind)
+            except ValueError as exc:
+                raise LabError(str(exc)) from exc
+            # the carrier's NAT on the Internet, the home router behind it in 100.64.n.0/24
+            home = f"{router}-home"
+            self._lan(router, f"100.64.{index}.1/24")
+            netns.add_ns(home)
+            netns.veth(router, "c1", home, "wan")
+            netns.ns_run(router, ["ip", "link", "set", "c1", "master", "lan"])
+            netns.address(home, "wan", f"100.64.{index}.2/24")
+            netns.default_route(home, f"100.64.{index}.1")
+            outer = nat_types.RouterPlan(outer_kind, "wan", "lan", wan_ip, f"100.64.{index}.2")
+            netns.nft(router, nat_types.ruleset(outer))
+            home_wan = f"100.64.{index}.2"
+        else:
+            home_wan = wan_ip
+        self._lan(home, f"10.{index}.0.1/24")
         site = Site(name, kind, router, wan_ip)
         for number in range(hosts):
             ns = f"{router}-h{number + 1}"
             ip = f"10.{index}.0.{10 + number}"
             netns.add_ns(ns)
-            netns.veth(router, f"l{number + 1}", ns, "eth0")
-            netns.ns_run(router, ["ip", "link", "set", f"l{number + 1}", "master", "lan"])
+            netns.veth(home, f"l{number + 1}", ns, "eth0")
+            netns.ns_run(home, ["ip", "link", "set", f"l{number + 1}", "master", "lan"])
             netns.address(ns, "eth0", f"{ip}/24")
             netns.default_route(ns, f"10.{index}.0.1")
             site.hosts.append(Host(f"{name}-h{number + 1}", ns, ip))
-        plan = nat_types.RouterPlan(kind, "wan", "lan", wan_ip, site.hosts[0].ip)
-        netns.nft(router, nat_types.ruleset(plan))
+        plan = nat_types.RouterPlan(inner_kind, "wan", "lan", home_wan, site.hosts[0].ip)
+        netns.nft(home, nat_types.ruleset(plan))
+        if kind == "proxy-only":
+            site.proxy = (f"10.{index}.0.1", nat_types.PROXY_PORT)
+            site.proxy_auth = proxy_auth
+            self._start_proxy(home, f"10.{index}.0", proxy_auth)
         self.sites[name] = site
         return site
+
+    def _lan(self, router: str, cidr: str) -> None:
+        netns.ns_run(router, ["ip", "link", "add", "lan", "type", "bridge"])
+        netns.ns_run(router, ["ip", "link", "set", "lan", "up"])
+        netns.address(router, "lan", cidr)
+        netns.sysctl(router, "net.ipv4.ip_forward", "1")
+
+    def _start_proxy(self, router: str, lan: str, auth: tuple[str, str] | None) -> None:
+        """tinyproxy on the router's LAN address: the only way out of a proxy-only site."""
+        workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}proxy-"))
+        shutil.chown(workdir, "nobody", "nogroup")  # tinyproxy drops to nobody and logs here
+        self._dirs.append(workdir)
+        config = workdir / "tinyproxy.conf"
+        config.write_text(nat_types.tinyproxy_config(f"{lan}.1", f"{lan}.0/24", str(workdir), auth))
+        process = subprocess.Popen(
+            netns.in_ns(router, ["tinyproxy", "-d", "-c", str(config)]),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self._processes.append(process)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            probe = netns.ns_run(router, ["ss", "-Hltn", f"sport = :{nat_types.PROXY_PORT}"])
+            if probe.strip():
+                return
+            if process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise LabError("tinyproxy did not start on the proxy-only site's router")
 
     # ----------------------------------------------------------------- running things
 

@@ -12,8 +12,10 @@ built to do; any difference is a failure.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import secrets
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -22,7 +24,7 @@ from typing import Any
 from punchline.lab import nat_types
 from punchline.lab.netns import LabError
 from punchline.lab.probe import ECHO_PORTS
-from punchline.lab.topology import Host, Lab
+from punchline.lab.topology import Host, Lab, Site
 
 EIM = "endpoint-independent"
 ADM = "address-dependent"
@@ -37,6 +39,7 @@ class Observed:
     allocation: str | None
     tcp_web: bool
     tcp_other: bool
+    proxy: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,9 @@ def classify(result: dict[str, Any], p1: str, p3: str) -> Observed:
     tcp = result.get("tcp", {})
     tcp_web = bool(tcp.get("80")) and bool(tcp.get("443"))
     tcp_other = bool(tcp.get("8080"))
+    proxy = bool(result.get("proxy"))
     if not result.get("udp"):
-        return Observed(False, None, None, None, tcp_web, tcp_other)
+        return Observed(False, None, None, None, tcp_web, tcp_other, proxy)
     first, second, other_port = result.get("p1"), result.get("p2"), result.get("p1_other_port")
     if first == second:
         mapping = EIM
@@ -74,7 +78,7 @@ def classify(result: dict[str, Any], p1: str, p3: str) -> Observed:
     else:
         filtering = APDM
     return Observed(True, mapping, filtering, _allocation(result.get("allocations", [])),
-                    tcp_web, tcp_other)  # fmt: skip
+                    tcp_web, tcp_other, proxy)  # fmt: skip
 
 
 def _allocation(pairs: Sequence[Sequence[int | None]]) -> str | None:
@@ -97,12 +101,19 @@ def _matches(expected: nat_types.Expected, observed: Observed) -> bool:
         and expected.allocation == observed.allocation
         and expected.tcp_web == observed.tcp_web
         and expected.tcp_other == observed.tcp_other
+        and expected.proxy == observed.proxy
     )
 
 
-def _measure(lab: Lab, host: Host, p1: Host, p3: Host, python: list[str]) -> dict[str, Any]:
+def _measure(lab: Lab, site: Site, p1: Host, p3: Host, python: list[str]) -> dict[str, Any]:
+    host = site.host
+    argv = [*python, "client", "--p1", p1.ip, "--p2", lab.public["p2"].ip]
+    if site.proxy is not None:
+        argv += ["--proxy", f"{site.proxy[0]}:{site.proxy[1]}"]
+        if site.proxy_auth is not None:
+            argv += ["--proxy-auth", ":".join(site.proxy_auth)]
     client = lab.popen(
-        host, [*python, "client", "--p1", p1.ip, "--p2", lab.public["p2"].ip],
+        host, argv,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     assert client.stdin is not None
@@ -144,11 +155,14 @@ def verify(
             servers.append(server)
         p1, p3 = lab.public["p1"], lab.public["p3"]
         for number, kind in enumerate(kinds, start=1):
-            site = lab.add_site(f"s{number}", kind)
+            auth = ("lab", secrets.token_hex(4)) if kind == "proxy-only" else None
+            site = lab.add_site(f"s{number}", kind, proxy_auth=auth)
             progress(f"measuring {kind}")
-            result = _measure(lab, site.host, p1, p3, list(python))
+            result = _measure(lab, site, p1, p3, list(python))
             observed = classify(result, p1.ip, p3.ip)
-            expected = nat_types.EXPECTED[kind]
+            expected = nat_types.expected(kind)
+            if result.get("proxy_without_auth"):
+                observed = dataclasses.replace(observed, proxy=False)  # auth was not enforced
             rows.append(Row(kind, expected, observed, _matches(expected, observed), result))
         for server in servers:
             server.kill()
