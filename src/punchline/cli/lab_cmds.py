@@ -37,7 +37,8 @@ def verify_command(
             f"unknown kind(s) {', '.join(unknown)}; known: {', '.join(nat_types.KINDS)}"
         )
     progress = (lambda _line: None) if as_json else (lambda line: typer.echo(line, err=True))
-    rows = verify.verify(chosen, (sys.executable, "-m", "punchline.lab.probe"), progress)
+    rows = verify.verify(chosen, (sys.executable, "-m", "punchline.lab.probe"), progress,
+                         knobs=kinds is None)  # fmt: skip
     if as_json:
         emit_json({"ok": all(r.ok for r in rows), "kinds": [r.as_json() for r in rows]})
     else:
@@ -53,14 +54,15 @@ def _table(rows: list[Any]) -> None:
         return "yes" if flag else "no"
 
     typer.echo(f"{'kind':<{width}} {'mapping':<27} {'filtering':<27} {'ports':<11} "
-               "udp tcp80/443 tcp8080 proxy verdict")  # fmt: skip
+               "udp tcp80/443 tcp8080 proxy hairpin verdict")  # fmt: skip
     for row in rows:
         o = row.observed
         verdict = "ok" if row.ok else f"MISMATCH (expected {row.expected})"
         typer.echo(
             f"{row.kind:<{width}} {o.mapping or '-':<27} {o.filtering or '-':<27} "
             f"{o.allocation or '-':<11} {yes(o.udp):<3} {yes(o.tcp_web):<9} "
-            f"{yes(o.tcp_other):<7} {yes(o.proxy):<5} {verdict}"
+            f"{yes(o.tcp_other):<7} {yes(o.proxy):<5} "
+            f"{'-' if o.hairpin is None else yes(o.hairpin):<7} {verdict}"
         )
 
 

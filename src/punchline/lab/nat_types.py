@@ -55,10 +55,15 @@ class Expected:
     tcp_web: bool = True
     tcp_other: bool = True
     proxy: bool = False  # an HTTP CONNECT proxy on the router reaches port 443
+    hairpin: bool | None = False  # a LAN host reaches another's public mapping (None: no NAT)
+    # (alive after s, gone after s) for an idle UDP mapping, when a timeout is configured
+    lifetime: tuple[float, float] | None = None
 
 
 EXPECTED = {
-    "open": Expected(True, "endpoint-independent", "endpoint-independent", "preserving"),
+    "open": Expected(
+        True, "endpoint-independent", "endpoint-independent", "preserving", hairpin=None
+    ),
     "full-cone": Expected(True, "endpoint-independent", "endpoint-independent", "preserving"),
     "restricted-cone": Expected(True, "endpoint-independent", "address-dependent", "preserving"),
     "port-restricted": Expected(
@@ -129,6 +134,10 @@ class RouterPlan:
     lan_if: str
     wan_ip: str
     lan_host: str  # the (first) LAN host unsolicited traffic is forwarded to, for cones
+    # Hairpinning: a LAN host reaches a mapping on the router's own public address; the
+    # packet comes back into the LAN with that public address as its source.
+    hairpin: bool = False
+    lan_net: str = ""
 
 
 def ruleset(plan: RouterPlan) -> str:
@@ -166,6 +175,11 @@ def ruleset(plan: RouterPlan) -> str:
         forward.append(f'iifname "{lan}" drop')  # the proxy on the router is the only way out
     elif plan.kind != "port-restricted":
         raise ValueError(f"no router ruleset for NAT kind {plan.kind!r}")
+
+    if plan.hairpin:
+        pre.insert(0, f'iifname "{lan}" ip daddr {wan_ip} udp dport 1024-65535 dnat to {host}')
+        post.insert(0, f'oifname "{lan}" ip saddr {plan.lan_net} ip daddr {plan.lan_net} '
+                       f"snat to {wan_ip}")  # fmt: skip
 
     def chain(name: str, hook: str, lines: list[str]) -> str:
         body = "".join(f"    {line}\n" for line in lines)

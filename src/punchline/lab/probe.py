@@ -62,7 +62,7 @@ def _tcp_accept(port: int) -> None:
 def _send(target: str, port: int, from_port: int) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("0.0.0.0", from_port))  # noqa: S104 - inside a lab namespace
+    sock.bind(("0.0.0.0", from_port))  # noqa: S104 - inside a lab namespace (0: any port)
     for _ in range(3):
         sock.sendto(b'{"poke": true}', (target, port))
         time.sleep(0.05)
@@ -126,6 +126,42 @@ def _through_proxy(proxy: str, auth: str | None, host: str, port: int) -> bool:
         return False
 
 
+def _listen(p1: str, seconds: float) -> None:
+    """Open a mapping towards P1, show it, and report every datagram that reaches it."""
+    sock = _udp()
+    print(json.dumps({"listen_ready": _ask(sock, (p1, ECHO_PORTS[0]))}), flush=True)
+    got = []
+    deadline = time.monotonic() + seconds
+    sock.settimeout(0.1)
+    while time.monotonic() < deadline:
+        try:
+            data, addr = sock.recvfrom(2048)
+        except TimeoutError:
+            continue
+        if b"poke" in data:
+            got.append(f"{addr[0]}:{addr[1]}")
+    print(json.dumps({"result": {"from": got}}), flush=True)
+
+
+def _lifetimes(p1: str, waits: list[float]) -> None:
+    """Open one mapping per wait; the orchestrator answers each after its wait; report which
+    answers still got in (the mapping was alive) to bound the idle mapping lifetime."""
+    sockets = [_udp() for _ in waits]
+    mapped = [_ask(sock, (p1, ECHO_PORTS[0])) for sock in sockets]
+    print(json.dumps({"lifetime_ready": mapped}), flush=True)
+    alive: dict[str, bool] = {str(w): False for w in waits}
+    deadline = time.monotonic() + max(waits) + 1.5
+    for sock in sockets:
+        sock.setblocking(False)
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select(sockets, [], [], 0.1)
+        for sock in readable:
+            data, _addr = sock.recvfrom(2048)
+            if b"poke" in data:
+                alive[str(waits[sockets.index(sock)])] = True
+    print(json.dumps({"result": {"alive_after": alive}}), flush=True)
+
+
 def _client(p1: str, p2: str, wait: float, proxy: str | None, proxy_auth: str | None) -> None:
     main = _udp()
     result: dict[str, Any] = {"local_port": main.getsockname()[1]}
@@ -178,11 +214,21 @@ def main() -> None:
     client.add_argument("--wait", type=float, default=1.0)
     client.add_argument("--proxy", help="HOST:PORT of an HTTP CONNECT proxy to try")
     client.add_argument("--proxy-auth", help="USER:PASSWORD for the proxy")
+    listen = sub.add_parser("listen")
+    listen.add_argument("--p1", required=True)
+    listen.add_argument("--seconds", type=float, default=2.0)
+    lifetimes = sub.add_parser("lifetimes")
+    lifetimes.add_argument("--p1", required=True)
+    lifetimes.add_argument("--wait", type=float, action="append", required=True)
     args = parser.parse_args()
     if args.command == "echo":
         _echo(args.port or list(ECHO_PORTS), args.tcp_port or list(TCP_PORTS))
     elif args.command == "send":
         _send(args.to, args.port, args.from_port)
+    elif args.command == "listen":
+        _listen(args.p1, args.seconds)
+    elif args.command == "lifetimes":
+        _lifetimes(args.p1, args.wait)
     else:
         _client(args.p1, args.p2, args.wait, args.proxy, args.proxy_auth)
 

@@ -110,9 +110,20 @@ class Lab:
         return host
 
     def add_site(
-        self, name: str, kind: str, hosts: int = 1, proxy_auth: tuple[str, str] | None = None
+        self,
+        name: str,
+        kind: str,
+        hosts: int = 1,
+        proxy_auth: tuple[str, str] | None = None,
+        hairpin: bool = False,
+        udp_timeout: int | None = None,
     ) -> Site:
-        """A site of `kind`: `open`, a NAT kind, `proxy-only` or `double[:INNER/OUTER]`."""
+        """A site of `kind`: `open`, a NAT kind, `proxy-only` or `double[:INNER/OUTER]`.
+
+        `udp_timeout` (seconds) sets how long an idle UDP mapping lives on the (home) router,
+        through conntrack's per-namespace timeouts; `hairpin` lets LAN hosts reach mappings
+        on the site's own public address.
+        """
         base = "double" if kind.startswith("double") else kind
         if base not in nat_types.KINDS:
             raise LabError(f"unknown site kind {kind!r}; known: {', '.join(nat_types.KINDS)}")
@@ -133,38 +144,49 @@ class Lab:
                 inner_kind, outer_kind = nat_types.parse_double(kind)
             except ValueError as exc:
                 raise LabError(str(exc)) from exc
-            # the carrier's NAT on the Internet, the home router behind it in 100.64.n.0/24
-            home = f"{router}-home"
-            self._lan(router, f"100.64.{index}.1/24")
-            netns.add_ns(home)
-            netns.veth(router, "c1", home, "wan")
-            netns.ns_run(router, ["ip", "link", "set", "c1", "master", "lan"])
-            netns.address(home, "wan", f"100.64.{index}.2/24")
-            netns.default_route(home, f"100.64.{index}.1")
-            outer = nat_types.RouterPlan(outer_kind, "wan", "lan", wan_ip, f"100.64.{index}.2")
-            netns.nft(router, nat_types.ruleset(outer))
-            home_wan = f"100.64.{index}.2"
+            home, home_wan = self._carrier(router, index, wan_ip, outer_kind)
         else:
             home_wan = wan_ip
         self._lan(home, f"10.{index}.0.1/24")
-        site = Site(name, kind, router, wan_ip)
-        for number in range(hosts):
-            ns = f"{router}-h{number + 1}"
-            ip = f"10.{index}.0.{10 + number}"
-            netns.add_ns(ns)
-            netns.veth(home, f"l{number + 1}", ns, "eth0")
-            netns.ns_run(home, ["ip", "link", "set", f"l{number + 1}", "master", "lan"])
-            netns.address(ns, "eth0", f"{ip}/24")
-            netns.default_route(ns, f"10.{index}.0.1")
-            site.hosts.append(Host(f"{name}-h{number + 1}", ns, ip))
-        plan = nat_types.RouterPlan(inner_kind, "wan", "lan", home_wan, site.hosts[0].ip)
+        site = Site(name, kind, router, wan_ip, self._hosts(name, router, home, index, hosts))
+        plan = nat_types.RouterPlan(inner_kind, "wan", "lan", home_wan, site.hosts[0].ip,
+                                    hairpin, f"10.{index}.0.0/24")  # fmt: skip
         netns.nft(home, nat_types.ruleset(plan))
+        if udp_timeout is not None:
+            for key in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
+                netns.sysctl(home, f"net.netfilter.{key}", str(udp_timeout))
         if kind == "proxy-only":
             site.proxy = (f"10.{index}.0.1", nat_types.PROXY_PORT)
             site.proxy_auth = proxy_auth
             self._start_proxy(home, f"10.{index}.0", proxy_auth)
         self.sites[name] = site
         return site
+
+    def _carrier(self, router: str, index: int, wan_ip: str, kind: str) -> tuple[str, str]:
+        """Make `router` a carrier NAT of `kind` with a home router behind it in 100.64.n/24;
+        returns the home router's namespace and WAN address."""
+        home, home_wan = f"{router}-home", f"100.64.{index}.2"
+        self._lan(router, f"100.64.{index}.1/24")
+        netns.add_ns(home)
+        netns.veth(router, "c1", home, "wan")
+        netns.ns_run(router, ["ip", "link", "set", "c1", "master", "lan"])
+        netns.address(home, "wan", f"{home_wan}/24")
+        netns.default_route(home, f"100.64.{index}.1")
+        outer = nat_types.RouterPlan(kind, "wan", "lan", wan_ip, home_wan)
+        netns.nft(router, nat_types.ruleset(outer))
+        return home, home_wan
+
+    def _hosts(self, name: str, router: str, home: str, index: int, count: int) -> list[Host]:
+        hosts = []
+        for number in range(1, count + 1):
+            ns, ip = f"{router}-h{number}", f"10.{index}.0.{9 + number}"
+            netns.add_ns(ns)
+            netns.veth(home, f"l{number}", ns, "eth0")
+            netns.ns_run(home, ["ip", "link", "set", f"l{number}", "master", "lan"])
+            netns.address(ns, "eth0", f"{ip}/24")
+            netns.default_route(ns, f"10.{index}.0.1")
+            hosts.append(Host(f"{name}-h{number}", ns, ip))
+        return hosts
 
     def _lan(self, router: str, cidr: str) -> None:
         netns.ns_run(router, ["ip", "link", "add", "lan", "type", "bridge"])

@@ -17,6 +17,7 @@ import itertools
 import json
 import secrets
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,6 +41,8 @@ class Observed:
     tcp_web: bool
     tcp_other: bool
     proxy: bool = False
+    hairpin: bool | None = None
+    lifetime: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ def classify(result: dict[str, Any], p1: str, p3: str) -> Observed:
     proxy = bool(result.get("proxy"))
     if not result.get("udp"):
         return Observed(False, None, None, None, tcp_web, tcp_other, proxy)
+
     first, second, other_port = result.get("p1"), result.get("p2"), result.get("p1_other_port")
     if first == second:
         mapping = EIM
@@ -102,6 +106,8 @@ def _matches(expected: nat_types.Expected, observed: Observed) -> bool:
         and expected.tcp_web == observed.tcp_web
         and expected.tcp_other == observed.tcp_other
         and expected.proxy == observed.proxy
+        and expected.hairpin == observed.hairpin
+        and expected.lifetime == observed.lifetime
     )
 
 
@@ -138,10 +144,85 @@ def _measure(lab: Lab, site: Site, p1: Host, p3: Host, python: list[str]) -> dic
     raise LabError(f"the probe client in {host.name} ended without a result")
 
 
+LIFETIME_WAITS = (1.0, 6.0)
+KNOB_TIMEOUT = 3
+
+
+def _lifetime(lab: Lab, site: Site, p1: Host, python: list[str]) -> tuple[float, float] | None:
+    """Idle mappings answered after each wait: (longest alive, shortest gone) bounds."""
+    argv = [*python, "lifetimes", "--p1", p1.ip]
+    for wait in LIFETIME_WAITS:
+        argv += ["--wait", str(wait)]
+    client = lab.popen(site.host, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert client.stdout is not None
+    try:
+        mapped = json.loads(client.stdout.readline())["lifetime_ready"]
+        started = time.monotonic()
+        for wait, target in sorted(zip(LIFETIME_WAITS, mapped, strict=True)):
+            time.sleep(max(0.0, started + wait - time.monotonic()))
+            if target is not None:
+                lab.run(p1, [*python, "send", "--to", str(target[0]), "--port",
+                             str(target[1]), "--from-port", str(ECHO_PORTS[0])])  # fmt: skip
+        alive = json.loads(client.stdout.readline())["result"]["alive_after"]
+    finally:
+        client.kill()
+        client.wait()
+    longest = max((w for w in LIFETIME_WAITS if alive.get(str(w))), default=0.0)
+    shortest = min((w for w in LIFETIME_WAITS if not alive.get(str(w))), default=float("inf"))
+    return (longest, shortest)
+
+
+def _hairpin(lab: Lab, site: Site, p1: Host, python: list[str]) -> bool | None:
+    """Does a second LAN host reach the first one's public mapping? (None without NAT.)"""
+    if site.router_ns is None or len(site.hosts) < 2:
+        return None
+    listener = lab.popen(site.hosts[0], [*python, "listen", "--p1", p1.ip, "--seconds", "1.5"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert listener.stdout is not None
+    try:
+        mapped = json.loads(listener.stdout.readline())["listen_ready"]
+        if mapped is None:
+            return False
+        lab.run(site.hosts[1], [*python, "send", "--to", str(mapped[0]), "--port",
+                                str(mapped[1]), "--from-port", "0"])  # fmt: skip
+        arrived = json.loads(listener.stdout.readline())["result"]["from"]
+    finally:
+        listener.kill()
+        listener.wait()
+    return any(source.startswith(site.wan_ip + ":") for source in arrived)
+
+
+def _observe(
+    lab: Lab, site: Site, p1: Host, p3: Host, python: list[str]
+) -> tuple[Observed, dict[str, Any]]:
+    result = _measure(lab, site, p1, p3, python)
+    observed = classify(result, p1.ip, p3.ip)
+    return dataclasses.replace(observed, hairpin=_hairpin(lab, site, p1, python)), result
+
+
+def _knobs(lab: Lab, p1: Host, p3: Host, python: list[str]) -> list[Row]:
+    """The router knobs: hairpinning switched on, and a short UDP mapping timeout."""
+    rows = []
+    base = nat_types.EXPECTED["port-restricted"]
+    site = lab.add_site("k1", "port-restricted", hosts=2, hairpin=True)
+    observed, _ = _observe(lab, site, p1, p3, python)
+    expected = dataclasses.replace(base, hairpin=True)
+    rows.append(Row("port-restricted+hairpin", expected, observed,
+                    _matches(expected, observed), {}))  # fmt: skip
+    site = lab.add_site("k2", "port-restricted", hosts=2, udp_timeout=KNOB_TIMEOUT)
+    bounds = _lifetime(lab, site, p1, python)
+    expected = dataclasses.replace(base, lifetime=LIFETIME_WAITS)
+    observed = dataclasses.replace(_observe(lab, site, p1, p3, python)[0], lifetime=bounds)
+    rows.append(Row(f"port-restricted+udp-timeout={KNOB_TIMEOUT}s", expected, observed,
+                    _matches(expected, observed), {"lifetime_bounds": bounds}))  # fmt: skip
+    return rows
+
+
 def verify(
     kinds: Sequence[str] = nat_types.KINDS,
     python: Sequence[str] = ("python3", "-m", "punchline.lab.probe"),
     progress: Callable[[str], None] = lambda _line: None,
+    knobs: bool = False,
 ) -> list[Row]:
     rows = []
     with Lab() as lab:
@@ -156,14 +237,16 @@ def verify(
         p1, p3 = lab.public["p1"], lab.public["p3"]
         for number, kind in enumerate(kinds, start=1):
             auth = ("lab", secrets.token_hex(4)) if kind == "proxy-only" else None
-            site = lab.add_site(f"s{number}", kind, proxy_auth=auth)
+            site = lab.add_site(f"s{number}", kind, hosts=2, proxy_auth=auth)
             progress(f"measuring {kind}")
-            result = _measure(lab, site, p1, p3, list(python))
-            observed = classify(result, p1.ip, p3.ip)
+            observed, result = _observe(lab, site, p1, p3, list(python))
             expected = nat_types.expected(kind)
             if result.get("proxy_without_auth"):
                 observed = dataclasses.replace(observed, proxy=False)  # auth was not enforced
             rows.append(Row(kind, expected, observed, _matches(expected, observed), result))
+        if knobs:
+            progress("measuring the hairpin and UDP timeout knobs")
+            rows += _knobs(lab, p1, p3, list(python))
         for server in servers:
             server.kill()
     return rows
