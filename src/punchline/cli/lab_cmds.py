@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -67,10 +68,76 @@ def _table(rows: list[Any]) -> None:
 
 
 @app.command()
+def up(
+    file: Annotated[Path, typer.Argument(help="Topology file (TOML).", exists=True)],
+    as_json: Json = False,
+) -> None:
+    """Build a lab from a topology file and leave it running (see `lab exec`, `lab down`)."""
+    from punchline.lab import spec
+    from punchline.lab.topology import Lab
+
+    _need_root()
+    topology = spec.load(file)
+    lab = Lab()
+    try:
+        lab.__enter__()
+        spec.build(lab, topology)
+    except BaseException:
+        lab.close()
+        raise
+    state = spec.describe(lab)
+    spec.save_state(state)
+    if as_json:
+        emit_json(state)
+        return
+    typer.echo(f"lab {lab.run_id} is up:")
+    for name, host in state["hosts"].items():
+        typer.echo(f"  {name:<14} {host['ip']:<15} (namespace {host['ns']})")
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec_command(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Argument(help="Host name from the topology.")],
+    run: Annotated[str | None, typer.Option(help="Lab run id (when several are up).")] = None,
+) -> None:
+    """Run a command inside a host of a running lab: punchline lab exec HOST -- CMD ..."""
+    from punchline.lab import spec
+
+    _need_root()
+    state = spec.pick(run)
+    entry = state["hosts"].get(host)
+    if entry is None:
+        raise LocalError(f"no host {host!r} in lab {state['run_id']}; hosts: "
+                         f"{', '.join(state['hosts'])}")  # fmt: skip
+    if not ctx.args:
+        raise LocalError("give the command after --, e.g. punchline lab exec h1 -- ip addr")
+    os.execvp("ip", ["ip", "netns", "exec", entry["ns"], *ctx.args])  # noqa: S606 - on purpose
+
+
+@app.command()
+def down(
+    run: Annotated[str | None, typer.Option(help="Lab run id (when several are up).")] = None,
+) -> None:
+    """Tear down a lab started with `lab up`: namespaces, processes, state."""
+    from punchline.lab import netns, spec
+
+    _need_root()
+    state = spec.pick(run)
+    removed = netns.cleanup(state["prefix"])
+    spec.forget(state["run_id"])
+    typer.echo(f"lab {state['run_id']} is down ({len(removed)} namespaces removed)")
+
+
+@app.command()
 def cleanup() -> None:
     """Remove every lab namespace (and the processes in it) left by crashed runs."""
     from punchline.lab import netns, topology
 
     _need_root()
     removed = netns.cleanup(topology.PREFIX)
+    from punchline.lab import spec
+
+    for state in spec.runs():
+        spec.forget(state["run_id"])
     typer.echo(f"removed {len(removed)} namespace(s)")
