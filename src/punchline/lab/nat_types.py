@@ -6,7 +6,7 @@ choose ports and what unsolicited traffic may enter):
 - full-cone: endpoint-independent mapping (port kept) and filtering: masquerade, and any
   inbound UDP to a mapped port is DNATed to the host.
 - restricted-cone: endpoint-independent mapping, address-dependent filtering: as full-cone,
-  but only from addresses the host sent to (a dynamic nftables set).
+  but only from addresses this mapping sent to (a dynamic nftables set of address . port).
 - port-restricted: endpoint-independent mapping, address-and-port-dependent filtering: plain
   masquerade; conntrack admits only replies.
 - symmetric: address-and-port-dependent mapping with random ports: `snat ... random`, a fresh
@@ -150,9 +150,14 @@ def ruleset(plan: RouterPlan) -> str:
     if plan.kind == "full-cone":
         pre.append(f'iifname "{wan}" udp dport 1024-65535 dnat to {host}')
     elif plan.kind == "restricted-cone":
-        sets = "  set contacted { type ipv4_addr; flags dynamic, timeout; timeout 5m; }\n"
-        forward.append(f'oifname "{wan}" ip protocol udp update @contacted {{ ip daddr }}')
-        pre.append(f'iifname "{wan}" ip saddr @contacted udp dport 1024-65535 dnat to {host}')
+        # Per mapping, as RFC 4787 means it: (remote address, mapped port) pairs; masquerade
+        # keeps the port, so the LAN source port is the mapped port.
+        sets = ("  set contacted { type ipv4_addr . inet_service; flags dynamic, timeout; "
+                "timeout 5m; }\n")  # fmt: skip
+        forward.append(
+            f'oifname "{wan}" ip protocol udp update @contacted {{ ip daddr . udp sport }}'
+        )
+        pre.append(f'iifname "{wan}" ip saddr . udp dport @contacted dnat to {host}')
     elif plan.kind == "symmetric":
         post = [f'oifname "{wan}" ip protocol udp snat to {wan_ip}:1024-65535 random',
                 f'oifname "{wan}" masquerade']  # fmt: skip
