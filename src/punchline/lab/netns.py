@@ -63,6 +63,10 @@ def veth(a_ns: str, a_name: str, b_ns: str, b_name: str) -> None:
     ns_run(b_ns, ["ip", "link", "set", temporary, "name", b_name])
     ns_run(a_ns, ["ip", "link", "set", a_name, "up"])
     ns_run(b_ns, ["ip", "link", "set", b_name, "up"])
+    # Compute checksums in software: veth otherwise leaves them for "hardware" to fill in,
+    # which never happens to a frame the userspace impairment forwarder copies.
+    for ns, name in ((a_ns, a_name), (b_ns, b_name)):
+        run(in_ns(ns, ["ethtool", "-K", name, "tx", "off"]), check=False)
 
 
 def address(ns: str, dev: str, cidr: str) -> None:

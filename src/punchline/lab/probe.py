@@ -143,6 +143,26 @@ def _listen(p1: str, seconds: float) -> None:
     print(json.dumps({"result": {"from": got}}), flush=True)
 
 
+def _rtt(target: str, count: int) -> None:
+    """Round trips to an echo server, one at a time: median, minimum, lost."""
+    sock = _udp()
+    sock.settimeout(0.5)
+    rtts, lost = [], 0
+    for number in range(count):
+        started = time.monotonic()
+        sock.sendto(json.dumps({"id": number}).encode(), (target, ECHO_PORTS[0]))
+        try:
+            while json.loads(sock.recvfrom(2048)[0]).get("id") != number:
+                pass
+            rtts.append((time.monotonic() - started) * 1000)
+        except TimeoutError:
+            lost += 1
+    rtts.sort()
+    median = rtts[len(rtts) // 2] if rtts else None
+    print(json.dumps({"p50_ms": median, "min_ms": rtts[0] if rtts else None, "lost": lost,
+                      "count": count}), flush=True)  # fmt: skip
+
+
 def _lifetimes(p1: str, waits: list[float]) -> None:
     """Open one mapping per wait; the orchestrator answers each after its wait; report which
     answers still got in (the mapping was alive) to bound the idle mapping lifetime."""
@@ -214,6 +234,9 @@ def main() -> None:
     client.add_argument("--wait", type=float, default=1.0)
     client.add_argument("--proxy", help="HOST:PORT of an HTTP CONNECT proxy to try")
     client.add_argument("--proxy-auth", help="USER:PASSWORD for the proxy")
+    rtt = sub.add_parser("rtt")
+    rtt.add_argument("--to", required=True)
+    rtt.add_argument("--count", type=int, default=50)
     listen = sub.add_parser("listen")
     listen.add_argument("--p1", required=True)
     listen.add_argument("--seconds", type=float, default=2.0)
@@ -225,6 +248,8 @@ def main() -> None:
         _echo(args.port or list(ECHO_PORTS), args.tcp_port or list(TCP_PORTS))
     elif args.command == "send":
         _send(args.to, args.port, args.from_port)
+    elif args.command == "rtt":
+        _rtt(args.to, args.count)
     elif args.command == "listen":
         _listen(args.p1, args.seconds)
     elif args.command == "lifetimes":

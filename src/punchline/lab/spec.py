@@ -10,6 +10,10 @@
     hairpin = true                # optional
     udp_timeout = 30              # optional, seconds
     proxy_auth = "user:password"  # optional, proxy-only sites
+    delay_ms = 25                 # optional uplink impairment, each direction:
+    jitter_ms = 5                 #   extra uniform delay (also reorders)
+    loss = 0.01                   #   probability a frame is dropped
+    rate_kbit = 2000              #   bottleneck rate (tail drop past 200 ms of queue)
 
 `lab up` builds it and leaves it running; the run's host names and namespaces are kept in
 /run/punchline-lab/<run id>.json for `lab exec` and `lab down`.
@@ -23,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from punchline.lab import nat_types
+from punchline.lab.impair import Impairment
 from punchline.lab.netns import LabError
 from punchline.lab.topology import Lab
 
 STATE_DIR = Path("/run/punchline-lab")
-SITE_KEYS = {"name", "kind", "hosts", "hairpin", "udp_timeout", "proxy_auth"}
+IMPAIRMENT_KEYS = {"delay_ms", "jitter_ms", "loss", "rate_kbit"}
+SITE_KEYS = {"name", "kind", "hosts", "hairpin", "udp_timeout", "proxy_auth", *IMPAIRMENT_KEYS}
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -65,7 +71,14 @@ def build(lab: Lab, spec: dict[str, Any]) -> None:
             proxy_auth=(user, password) if user else None,
             hairpin=bool(site.get("hairpin", False)),
             udp_timeout=site.get("udp_timeout"),
+            impairment=_impairment(site),
         )
+
+
+def _impairment(site: dict[str, Any]) -> Impairment | None:
+    """The site uplink's impairment, from delay_ms / jitter_ms / loss / rate_kbit keys."""
+    given = {key: float(site[key]) for key in IMPAIRMENT_KEYS if key in site}
+    return Impairment(**given) if given else None
 
 
 def describe(lab: Lab) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from punchline.lab import nat_types, netns
+from punchline.lab.impair import Impairment
 from punchline.lab.netns import LabError
 
 PUBLIC_NET = "203.0.113"
@@ -63,6 +64,7 @@ class Lab:
         self._ports = 0
         self._sites = 0
         self._processes: list[subprocess.Popen[bytes]] = []
+        self.impairment_method: str | None = None
         self._dirs: list[Path] = []
 
     # ----------------------------------------------------------------- lifecycle
@@ -92,19 +94,39 @@ class Lab:
 
     # ----------------------------------------------------------------- building
 
-    def _uplink(self, ns: str, ip: str) -> None:
-        """Connect `ns` to the Internet bridge with address `ip` on its `wan` interface."""
+    def _uplink(self, ns: str, ip: str, impairment: Impairment | None = None) -> None:
+        """Connect `ns` to the Internet bridge with address `ip` on its `wan` interface,
+        through a shaper namespace running the userspace impairment forwarder if asked."""
         self._ports += 1
         port = f"p{self._ports}"
-        netns.veth(self.internet, port, ns, "wan")
+        if impairment is None:
+            netns.veth(self.internet, port, ns, "wan")
+        else:
+            shaper = f"{ns}-shaper"
+            netns.add_ns(shaper)
+            netns.veth(self.internet, port, shaper, "toinet")
+            netns.veth(shaper, "tosite", ns, "wan")
+            for dev in ("toinet", "tosite"):  # whole frames only: no offload aggregates to re-split
+                netns.run(netns.in_ns(shaper, ["ethtool", "-K", dev, "gro", "off", "gso",
+                                               "off", "tso", "off"]), check=False)  # fmt: skip
+            process = subprocess.Popen(
+                netns.in_ns(shaper, [sys.executable, "-m", "punchline.lab.impair", "--a", "toinet",
+                                     "--b", "tosite", *impairment.args()]),
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            assert process.stdout is not None
+            if not process.stdout.readline():
+                raise LabError(f"the impairment forwarder for {ns} did not start")
+            self._processes.append(process)
+            self.impairment_method = "userspace AF_PACKET forwarder (no netem on this kernel)"
         netns.ns_run(self.internet, ["ip", "link", "set", port, "master", "br0"])
         netns.address(ns, "wan", f"{ip}/24")
 
-    def add_public_host(self, name: str) -> Host:
+    def add_public_host(self, name: str, impairment: Impairment | None = None) -> Host:
         ns = self.prefix + name
         ip = f"{PUBLIC_NET}.{10 + len(self.public)}"
         netns.add_ns(ns)
-        self._uplink(ns, ip)
+        self._uplink(ns, ip, impairment)
         host = Host(name, ns, ip)
         self.public[name] = host
         return host
@@ -117,6 +139,7 @@ class Lab:
         proxy_auth: tuple[str, str] | None = None,
         hairpin: bool = False,
         udp_timeout: int | None = None,
+        impairment: Impairment | None = None,
     ) -> Site:
         """A site of `kind`: `open`, a NAT kind, `proxy-only` or `double[:INNER/OUTER]`.
 
@@ -128,7 +151,7 @@ class Lab:
         if base not in nat_types.KINDS:
             raise LabError(f"unknown site kind {kind!r}; known: {', '.join(nat_types.KINDS)}")
         if kind == "open":
-            host = self.add_public_host(name)
+            host = self.add_public_host(name, impairment)
             site = Site(name, kind, None, host.ip, [host])
             self.sites[name] = site
             return site
@@ -137,7 +160,7 @@ class Lab:
         router = self.prefix + name
         wan_ip = f"{PUBLIC_NET}.{100 + index}"
         netns.add_ns(router)
-        self._uplink(router, wan_ip)
+        self._uplink(router, wan_ip, impairment)
         inner_kind, home = kind, router
         if base == "double":
             try:
