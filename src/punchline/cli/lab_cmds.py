@@ -48,6 +48,12 @@ def verify_command(
         raise typer.Exit(1)
 
 
+def _lifetime(bounds: tuple[float, float] | None) -> str:
+    if bounds is None:
+        return "-"
+    return f"{bounds[0]:g}-{bounds[1]:g}s"
+
+
 def _table(rows: list[Any]) -> None:
     width = max(len(r.kind) for r in rows) + 1
 
@@ -55,7 +61,7 @@ def _table(rows: list[Any]) -> None:
         return "yes" if flag else "no"
 
     typer.echo(f"{'kind':<{width}} {'mapping':<27} {'filtering':<27} {'ports':<11} "
-               "udp tcp80/443 tcp8080 proxy hairpin verdict")  # fmt: skip
+               "udp tcp80/443 tcp8080 proxy hairpin lifetime  verdict")  # fmt: skip
     for row in rows:
         o = row.observed
         verdict = "ok" if row.ok else f"MISMATCH (expected {row.expected})"
@@ -63,7 +69,8 @@ def _table(rows: list[Any]) -> None:
             f"{row.kind:<{width}} {o.mapping or '-':<27} {o.filtering or '-':<27} "
             f"{o.allocation or '-':<11} {yes(o.udp):<3} {yes(o.tcp_web):<9} "
             f"{yes(o.tcp_other):<7} {yes(o.proxy):<5} "
-            f"{'-' if o.hairpin is None else yes(o.hairpin):<7} {verdict}"
+            f"{'-' if o.hairpin is None else yes(o.hairpin):<7} {_lifetime(o.lifetime):<9} "
+            f"{verdict}"
         )
 
 

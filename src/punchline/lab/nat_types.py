@@ -4,7 +4,8 @@ How each kind is made from Linux netfilter (conntrack does the translation; thes
 choose ports and what unsolicited traffic may enter):
 
 - full-cone: endpoint-independent mapping (port kept) and filtering: masquerade, and any
-  inbound UDP to a mapped port is DNATed to the host.
+  inbound UDP to a live mapped port (a dynamic set expiring with the mapping) is DNATed to
+  the host.
 - restricted-cone: endpoint-independent mapping, address-dependent filtering: as full-cone,
   but only from addresses this mapping sent to (a dynamic nftables set of address . port).
 - port-restricted: endpoint-independent mapping, address-and-port-dependent filtering: plain
@@ -56,7 +57,8 @@ class Expected:
     tcp_other: bool = True
     proxy: bool = False  # an HTTP CONNECT proxy on the router reaches port 443
     hairpin: bool | None = False  # a LAN host reaches another's public mapping (None: no NAT)
-    # (alive after s, gone after s) for an idle UDP mapping, when a timeout is configured
+    # (alive after s, gone after s) of an idle UDP mapping, with the router's timeout set to
+    # verify.TIMEOUT; None where there is no mapping to expire
     lifetime: tuple[float, float] | None = None
 
 
@@ -138,6 +140,8 @@ class RouterPlan:
     # packet comes back into the LAN with that public address as its source.
     hairpin: bool = False
     lan_net: str = ""
+    # Idle UDP mappings live this long (conntrack's own timeout is set to match).
+    udp_timeout: int = 120
 
 
 def ruleset(plan: RouterPlan) -> str:
@@ -147,13 +151,17 @@ def ruleset(plan: RouterPlan) -> str:
     pre: list[str] = []
     forward: list[str] = []
     sets = ""
+    timeout = f"timeout {plan.udp_timeout}s"
     if plan.kind == "full-cone":
-        pre.append(f'iifname "{wan}" udp dport 1024-65535 dnat to {host}')
+        # Only live mappings admit strangers: a set of mapped ports, refreshed by outbound
+        # traffic, expiring like the mapping itself (masquerade keeps the port).
+        sets = f"  set mapped {{ type inet_service; flags dynamic, timeout; {timeout}; }}\n"
+        forward.append(f'oifname "{wan}" ip protocol udp update @mapped {{ udp sport }}')
+        pre.append(f'iifname "{wan}" udp dport @mapped dnat to {host}')
     elif plan.kind == "restricted-cone":
-        # Per mapping, as RFC 4787 means it: (remote address, mapped port) pairs; masquerade
-        # keeps the port, so the LAN source port is the mapped port.
+        # Per mapping, as RFC 4787 means it: (remote address, mapped port) pairs.
         sets = ("  set contacted { type ipv4_addr . inet_service; flags dynamic, timeout; "
-                "timeout 5m; }\n")  # fmt: skip
+                f"{timeout}; }}\n")  # fmt: skip
         forward.append(
             f'oifname "{wan}" ip protocol udp update @contacted {{ ip daddr . udp sport }}'
         )

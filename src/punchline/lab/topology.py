@@ -173,7 +173,8 @@ class Lab:
         self._lan(home, f"10.{index}.0.1/24")
         site = Site(name, kind, router, wan_ip, self._hosts(name, router, home, index, hosts))
         plan = nat_types.RouterPlan(inner_kind, "wan", "lan", home_wan, site.hosts[0].ip,
-                                    hairpin, f"10.{index}.0.0/24")  # fmt: skip
+                                    hairpin, f"10.{index}.0.0/24",
+                                    udp_timeout or 120)  # fmt: skip
         netns.nft(home, nat_types.ruleset(plan))
         if udp_timeout is not None:
             for key in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
