@@ -97,7 +97,8 @@ def up(
     if as_json:
         emit_json(state)
         return
-    typer.echo(f"lab {lab.run_id} is up:")
+    typer.echo(f"lab {lab.run_id} is up" + (f" (links impaired by a {lab.impairment_method})"
+                                             if lab.impairment_method else "") + ":")  # fmt: skip
     for name, host in state["hosts"].items():
         typer.echo(f"  {name:<14} {host['ip']:<15} (namespace {host['ns']})")
 

@@ -18,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from punchline.errors import SecurityError
-from punchline.util.jsontext import loads_untrusted
+from punchline.util.jsontext import loads_object_untrusted
 
 PROOF_WINDOW_SECONDS = 300.0
 MAX_DOCUMENT_BYTES = 1_000_000
@@ -68,12 +68,9 @@ def open_document_untrusted(
         raise BadSignature("signed payload is not valid UTF-8 text") from exc
     verify_untrusted(public, context, data, document.get("signature"))
     try:
-        payload = loads_untrusted(text)
+        return loads_object_untrusted(text)
     except ValueError as exc:
-        raise BadSignature("signed payload is not JSON") from exc
-    if not isinstance(payload, dict):
-        raise BadSignature("signed payload must be a JSON object")
-    return payload
+        raise BadSignature(f"signed payload {exc}") from exc
 
 
 def check_timestamp_untrusted(timestamp: object, now: float) -> None:

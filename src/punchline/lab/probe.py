@@ -130,6 +130,11 @@ def _listen(p1: str, seconds: float) -> None:
     """Open a mapping towards P1, show it, and report every datagram that reaches it."""
     sock = _udp()
     print(json.dumps({"listen_ready": _ask(sock, (p1, ECHO_PORTS[0]))}), flush=True)
+    print(json.dumps({"result": {"from": _collect(sock, seconds)}}), flush=True)
+
+
+def _collect(sock: socket.socket, seconds: float) -> list[str]:
+    """Sources of every poke that reaches `sock` within `seconds`."""
     got = []
     deadline = time.monotonic() + seconds
     sock.settimeout(0.1)
@@ -140,7 +145,7 @@ def _listen(p1: str, seconds: float) -> None:
             continue
         if b"poke" in data:
             got.append(f"{addr[0]}:{addr[1]}")
-    print(json.dumps({"result": {"from": got}}), flush=True)
+    return got
 
 
 def _rtt(target: str, count: int) -> None:
@@ -201,16 +206,7 @@ def _client(p1: str, p2: str, wait: float, proxy: str | None, proxy_auth: str | 
         mapped = _ask(filtered, (p1, ECHO_PORTS[0]))
         print(json.dumps({"filtering_ready": mapped}), flush=True)
         sys.stdin.readline()  # the orchestrator says when the pokes are sent
-        got = set()
-        deadline = time.monotonic() + wait
-        filtered.settimeout(0.1)
-        while time.monotonic() < deadline:
-            try:
-                _data, addr = filtered.recvfrom(2048)
-            except TimeoutError:
-                continue
-            got.add(f"{addr[0]}:{addr[1]}")
-        result["unsolicited_from"] = sorted(got)
+        result["unsolicited_from"] = sorted(set(_collect(filtered, wait)))
     result["tcp"] = {str(port): _tcp_reaches(p1, port) for port in TCP_PORTS}
     if proxy:
         result["proxy"] = _through_proxy(proxy, proxy_auth, p1, 443)

@@ -89,7 +89,8 @@ def describe(lab: Lab) -> dict[str, Any]:
             hosts[host.name] = {"ns": host.ns, "ip": host.ip, "site": site.name}
         sites[site.name] = {"kind": site.kind, "public_ip": site.wan_ip,
                             "hosts": [h.name for h in site.hosts], "proxy": site.proxy}  # fmt: skip
-    return {"run_id": lab.run_id, "prefix": lab.prefix, "hosts": hosts, "sites": sites}
+    return {"run_id": lab.run_id, "prefix": lab.prefix, "hosts": hosts, "sites": sites,
+            "impairment_method": lab.impairment_method}  # fmt: skip
 
 
 def save_state(state: dict[str, Any]) -> Path:

@@ -11,6 +11,14 @@ import json
 from typing import Any
 
 
+def loads_object_untrusted(data: bytes | str) -> dict[str, Any]:
+    """A JSON object (the shape every punchline message has), else ValueError."""
+    value = loads_untrusted(data)
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object")
+    return value
+
+
 def loads_untrusted(data: bytes | str) -> Any:
     try:
         return json.loads(data)

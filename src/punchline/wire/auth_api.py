@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from punchline.errors import RemoteError
-from punchline.util.jsontext import loads_untrusted
+from punchline.util.jsontext import loads_object_untrusted
 
 SIGNATURE_HEADER = "X-Punchline-Signature"
 # Context labels of the signatures (see identity.signed): request bodies, the bootstrap list.
@@ -34,9 +34,6 @@ class Refusal(RemoteError):
 def decode_object_untrusted(body: bytes) -> dict[str, Any]:
     """A request body must be one JSON object; anything else is a 400 `bad_json`."""
     try:
-        value = loads_untrusted(body)
+        return loads_object_untrusted(body)
     except ValueError as exc:
-        raise Refusal(400, "bad_json", "request body is not valid JSON") from exc
-    if not isinstance(value, dict):
-        raise Refusal(400, "bad_json", "request body must be a JSON object")
-    return value
+        raise Refusal(400, "bad_json", f"request body {exc}") from exc

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from punchline.errors import RemoteError
-from punchline.util.jsontext import loads_untrusted
+from punchline.util.jsontext import loads_object_untrusted
 
 HELLO, WELCOME, SEALED, REFUSED = 0x50, 0x51, 0x52, 0x53
 SEALED_HEADER = struct.Struct("!B8sQ")
@@ -87,12 +87,9 @@ def encode_sealed(header: bytes, ciphertext: bytes) -> bytes:
 
 def _decode_json(body: bytes) -> dict[str, Any]:
     try:
-        value = loads_untrusted(body)
+        return loads_object_untrusted(body)
     except ValueError as exc:
-        raise SessionPacketError("session packet body is not JSON") from exc
-    if not isinstance(value, dict):
-        raise SessionPacketError("session packet body must be a JSON object")
-    return value
+        raise SessionPacketError(f"session packet body {exc}") from exc
 
 
 def decode_untrusted(data: bytes) -> Packet:
