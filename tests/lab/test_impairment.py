@@ -31,6 +31,8 @@ def test_delay_and_loss_on_a_site_uplink() -> None:
         slow = lab.add_site("a", "port-restricted", impairment=Impairment(delay_ms=25))
         lossy = lab.add_site("b", "port-restricted", impairment=Impairment(loss=0.2))
         clean = lab.add_site("c", "port-restricted")
+        lan = lab.add_site("d", "port-restricted", lan_impairment=Impairment(delay_ms=10))
+        carrier = lab.add_site("e", "double", carrier_impairment=Impairment(delay_ms=10))
 
         def rtt(site_host: Host, count: int) -> dict[str, float]:
             out = lab.run(site_host, [*PROBE, "rtt", "--to", server.ip, "--count", str(count)],
@@ -44,6 +46,8 @@ def test_delay_and_loss_on_a_site_uplink() -> None:
         dropped = rtt(lossy.host, 200)
         assert 40 <= dropped["lost"] <= 105, dropped  # 1 - 0.8^2 = 36 % of round trips
         assert rtt(clean.host, 30)["p50_ms"] < 5.0
+        for impaired in (lan, carrier):  # 10 ms each way on the host's or the carrier's link
+            assert 19.0 <= rtt(impaired.host, 20)["p50_ms"] <= 30.0
         assert lab.impairment_method is not None
         assert "userspace" in lab.impairment_method
         echo.kill()

@@ -14,6 +14,8 @@
     jitter_ms = 5                 #   extra uniform delay (also reorders)
     loss = 0.01                   #   probability a frame is dropped
     rate_kbit = 2000              #   bottleneck rate (tail drop past 200 ms of queue)
+    lan_delay_ms = 2              # the same keys prefixed lan_ (each LAN host's link) or
+    carrier_loss = 0.01           #   carrier_ (a double NAT's carrier <-> home link)
 
 `lab up` builds it and leaves it running; the run's host names and namespaces are kept in
 /run/punchline-lab/<run id>.json for `lab exec` and `lab down`.
@@ -33,7 +35,9 @@ from punchline.lab.topology import Lab
 
 STATE_DIR = Path("/run/punchline-lab")
 IMPAIRMENT_KEYS = {"delay_ms", "jitter_ms", "loss", "rate_kbit"}
-SITE_KEYS = {"name", "kind", "hosts", "hairpin", "udp_timeout", "proxy_auth", *IMPAIRMENT_KEYS}
+LINKS = ("", "lan_", "carrier_")  # uplink, each LAN host's link, a double NAT's inner link
+SITE_KEYS = {"name", "kind", "hosts", "hairpin", "udp_timeout", "proxy_auth",
+             *(link + key for link in LINKS for key in IMPAIRMENT_KEYS)}  # fmt: skip
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -71,13 +75,15 @@ def build(lab: Lab, spec: dict[str, Any]) -> None:
             proxy_auth=(user, password) if user else None,
             hairpin=bool(site.get("hairpin", False)),
             udp_timeout=site.get("udp_timeout"),
-            impairment=_impairment(site),
+            impairment=_impairment(site, ""),
+            lan_impairment=_impairment(site, "lan_"),
+            carrier_impairment=_impairment(site, "carrier_"),
         )
 
 
-def _impairment(site: dict[str, Any]) -> Impairment | None:
-    """The site uplink's impairment, from delay_ms / jitter_ms / loss / rate_kbit keys."""
-    given = {key: float(site[key]) for key in IMPAIRMENT_KEYS if key in site}
+def _impairment(site: dict[str, Any], link: str) -> Impairment | None:
+    """One link's impairment, from [link]delay_ms / jitter_ms / loss / rate_kbit keys."""
+    given = {key: float(site[link + key]) for key in IMPAIRMENT_KEYS if link + key in site}
     return Impairment(**given) if given else None
 
 

@@ -99,28 +99,35 @@ class Lab:
         through a shaper namespace running the userspace impairment forwarder if asked."""
         self._ports += 1
         port = f"p{self._ports}"
-        if impairment is None:
-            netns.veth(self.internet, port, ns, "wan")
-        else:
-            shaper = f"{ns}-shaper"
-            netns.add_ns(shaper)
-            netns.veth(self.internet, port, shaper, "toinet")
-            netns.veth(shaper, "tosite", ns, "wan")
-            for dev in ("toinet", "tosite"):  # whole frames only: no offload aggregates to re-split
-                netns.run(netns.in_ns(shaper, ["ethtool", "-K", dev, "gro", "off", "gso",
-                                               "off", "tso", "off"]), check=False)  # fmt: skip
-            process = subprocess.Popen(
-                netns.in_ns(shaper, [sys.executable, "-m", "punchline.lab.impair", "--a", "toinet",
-                                     "--b", "tosite", *impairment.args()]),
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            assert process.stdout is not None
-            if not process.stdout.readline():
-                raise LabError(f"the impairment forwarder for {ns} did not start")
-            self._processes.append(process)
-            self.impairment_method = "userspace AF_PACKET forwarder (no netem on this kernel)"
+        self._link(self.internet, port, ns, "wan", impairment)
         netns.ns_run(self.internet, ["ip", "link", "set", port, "master", "br0"])
         netns.address(ns, "wan", f"{ip}/24")
+
+    def _link(
+        self, a_ns: str, a_name: str, b_ns: str, b_name: str, impairment: Impairment | None
+    ) -> None:
+        """A cable a <-> b; with an impairment, through a shaper namespace in the middle where
+        the userspace forwarder applies it (this kernel has no netem)."""
+        if impairment is None:
+            netns.veth(a_ns, a_name, b_ns, b_name)
+            return
+        shaper = f"{b_ns}-{b_name}-shaper"
+        netns.add_ns(shaper)
+        netns.veth(a_ns, a_name, shaper, "side_a")
+        netns.veth(shaper, "side_b", b_ns, b_name)
+        for dev in ("side_a", "side_b"):  # whole frames only: no offload aggregates to re-split
+            netns.run(netns.in_ns(shaper, ["ethtool", "-K", dev, "gro", "off", "gso", "off",
+                                           "tso", "off"]), check=False)  # fmt: skip
+        process = subprocess.Popen(
+            netns.in_ns(shaper, [sys.executable, "-m", "punchline.lab.impair", "--a", "side_a",
+                                 "--b", "side_b", *impairment.args()]),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert process.stdout is not None
+        if not process.stdout.readline():
+            raise LabError(f"the impairment forwarder for {b_ns} did not start")
+        self._processes.append(process)
+        self.impairment_method = "userspace AF_PACKET forwarder (no netem on this kernel)"
 
     def add_public_host(self, name: str, impairment: Impairment | None = None) -> Host:
         ns = self.prefix + name
@@ -140,12 +147,16 @@ class Lab:
         hairpin: bool = False,
         udp_timeout: int | None = None,
         impairment: Impairment | None = None,
+        lan_impairment: Impairment | None = None,
+        carrier_impairment: Impairment | None = None,
     ) -> Site:
         """A site of `kind`: `open`, a NAT kind, `proxy-only` or `double[:INNER/OUTER]`.
 
         `udp_timeout` (seconds) sets how long an idle UDP mapping lives on the (home) router,
         through conntrack's per-namespace timeouts; `hairpin` lets LAN hosts reach mappings
-        on the site's own public address.
+        on the site's own public address. `impairment` applies to the router's Internet
+        uplink, `lan_impairment` to each LAN host's link, `carrier_impairment` to the link
+        between a double NAT's carrier and home routers.
         """
         base = "double" if kind.startswith("double") else kind
         if base not in nat_types.KINDS:
@@ -167,11 +178,12 @@ class Lab:
                 inner_kind, outer_kind = nat_types.parse_double(kind)
             except ValueError as exc:
                 raise LabError(str(exc)) from exc
-            home, home_wan = self._carrier(router, index, wan_ip, outer_kind)
+            home, home_wan = self._carrier(router, index, wan_ip, outer_kind, carrier_impairment)
         else:
             home_wan = wan_ip
         self._lan(home, f"10.{index}.0.1/24")
-        site = Site(name, kind, router, wan_ip, self._hosts(name, router, home, index, hosts))
+        site = Site(name, kind, router, wan_ip,
+                    self._hosts(name, router, home, index, hosts, lan_impairment))  # fmt: skip
         plan = nat_types.RouterPlan(inner_kind, "wan", "lan", home_wan, site.hosts[0].ip,
                                     hairpin, f"10.{index}.0.0/24",
                                     udp_timeout or 120)  # fmt: skip
@@ -186,13 +198,15 @@ class Lab:
         self.sites[name] = site
         return site
 
-    def _carrier(self, router: str, index: int, wan_ip: str, kind: str) -> tuple[str, str]:
+    def _carrier(
+        self, router: str, index: int, wan_ip: str, kind: str, impairment: Impairment | None
+    ) -> tuple[str, str]:
         """Make `router` a carrier NAT of `kind` with a home router behind it in 100.64.n/24;
         returns the home router's namespace and WAN address."""
         home, home_wan = f"{router}-home", f"100.64.{index}.2"
         self._lan(router, f"100.64.{index}.1/24")
         netns.add_ns(home)
-        netns.veth(router, "c1", home, "wan")
+        self._link(router, "c1", home, "wan", impairment)
         netns.ns_run(router, ["ip", "link", "set", "c1", "master", "lan"])
         netns.address(home, "wan", f"{home_wan}/24")
         netns.default_route(home, f"100.64.{index}.1")
@@ -200,12 +214,20 @@ class Lab:
         netns.nft(router, nat_types.ruleset(outer))
         return home, home_wan
 
-    def _hosts(self, name: str, router: str, home: str, index: int, count: int) -> list[Host]:
+    def _hosts(
+        self,
+        name: str,
+        router: str,
+        home: str,
+        index: int,
+        count: int,
+        impairment: Impairment | None,
+    ) -> list[Host]:
         hosts = []
         for number in range(1, count + 1):
             ns, ip = f"{router}-h{number}", f"10.{index}.0.{9 + number}"
             netns.add_ns(ns)
-            netns.veth(home, f"l{number}", ns, "eth0")
+            self._link(home, f"l{number}", ns, "eth0", impairment)
             netns.ns_run(home, ["ip", "link", "set", f"l{number}", "master", "lan"])
             netns.address(ns, "eth0", f"{ip}/24")
             netns.default_route(ns, f"10.{index}.0.1")
