@@ -73,3 +73,16 @@ def test_lab_leaves_nothing_behind_after_an_error() -> None:
     with pytest.raises(netns.LabError, match="unknown site kind"):
         _build_and_fail(lab)
     assert netns.list_ns(lab.prefix) == []
+
+
+def test_a_terminated_process_removes_its_lab() -> None:
+    code = ("import time\nfrom punchline.lab.topology import Lab\n"
+            "with Lab() as lab:\n    lab.add_site('a', 'symmetric')\n"
+            "    print(lab.prefix, flush=True)\n    time.sleep(60)\n")  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    prefix = process.stdout.readline().strip()
+    assert len(netns.list_ns(prefix)) == 3
+    process.terminate()  # SIGTERM, as `timeout` or a test runner sends
+    assert process.wait(30) == 143
+    assert netns.list_ns(prefix) == []

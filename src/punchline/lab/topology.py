@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,6 +56,10 @@ class Site:
         return self.hosts[0]
 
 
+def _exit_on_sigterm(_signum: int, _frame: object) -> None:
+    raise SystemExit(143)
+
+
 class Lab:
     def __init__(self, run_id: str | None = None) -> None:
         self.run_id = run_id or secrets.token_hex(3)
@@ -65,11 +71,16 @@ class Lab:
         self._sites = 0
         self._processes: list[subprocess.Popen[bytes]] = []
         self.impairment_method: str | None = None
+        self._old_sigterm: Any = None
         self._dirs: list[Path] = []
 
     # ----------------------------------------------------------------- lifecycle
 
     def __enter__(self) -> Lab:
+        # SIGTERM (a killed test, `timeout`) would skip __exit__ and leave namespaces behind:
+        # turn it into a normal exit while the lab is open (main thread only).
+        if threading.current_thread() is threading.main_thread():
+            self._old_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             netns.add_ns(self.internet)
             netns.ns_run(self.internet, ["ip", "link", "add", "br0", "type", "bridge"])
@@ -85,6 +96,9 @@ class Lab:
         self.close()
 
     def close(self) -> None:
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
         for process in self._processes:
             process.kill()
             process.wait()
