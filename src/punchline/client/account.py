@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from punchline.client import renewal
 from punchline.client.auth_client import AuthClient, fetch_ca_unverified
-from punchline.client.store import CAMismatch, IdentityStore, Profile
+from punchline.client.store import CAMismatch, IdentityStore, Profile, check_expected_fingerprint
 from punchline.errors import LocalError, RemoteError
 from punchline.identity import certs, keys, names, signed
 from punchline.wire.auth_api import REQUEST_CONTEXT
@@ -42,24 +42,19 @@ class Identity:
         }
 
 
-def connect(store: IdentityStore, url: str, ca_fingerprint: str | None) -> tuple[AuthClient, bool]:
+def connect(store: IdentityStore, url: str, ca_fingerprint: str | None) -> AuthClient:
     """An HTTPS client trusting the pinned CA; on first contact the CA is fetched and checked."""
     pinned = store.pinned_ca()
     if pinned is None:
         ca = fetch_ca_unverified(url)
-        store_fp = certs.ca_fingerprint(ca)
-        if ca_fingerprint and ca_fingerprint.lower() != store_fp:
-            raise CAMismatch(
-                f"the login server's CA fingerprint is {store_fp}, but --ca-fingerprint says "
-                f"{ca_fingerprint}; refusing to trust it"
-            )
-        return AuthClient(url, ca), True
+        check_expected_fingerprint(ca, ca_fingerprint)
+        return AuthClient(url, ca)
     if ca_fingerprint and ca_fingerprint.lower() != certs.ca_fingerprint(pinned):
         raise CAMismatch(
             f"this data dir pinned CA {certs.ca_fingerprint(pinned)}, "
             f"not {ca_fingerprint}; use another --data dir for another login server"
         )
-    return AuthClient(url, pinned), False
+    return AuthClient(url, pinned)
 
 
 def _check_same_user(store: IdentityStore, name: str) -> None:
@@ -110,7 +105,7 @@ def _authenticate(
     name = names.canonical(name)
     _check_same_user(store, name)
     key = store.key()
-    http, _first = connect(store, url, ca_fingerprint)
+    http = connect(store, url, ca_fingerprint)
     with http:
         answer = http.post(f"/v1/{purpose}", credentials_request(key, purpose, name, password))
         return _store_answer(store, http, answer, http.url)
@@ -130,7 +125,7 @@ def login(
 
 def change_password(store: IdentityStore, old: str, new: str) -> None:
     profile = store.require_profile()
-    http, _ = connect(store, profile.auth_url, None)
+    http = connect(store, profile.auth_url, None)
     with http:
         http.post(
             "/v1/password",

@@ -79,12 +79,7 @@ class IdentityStore:
 
     def pin(self, ca: x509.Certificate, expected: str | None = None) -> None:
         """Pin `ca` on first contact, or check it against the existing pin."""
-        fingerprint = certs.ca_fingerprint(ca)
-        if expected and expected.lower() != fingerprint:
-            raise CAMismatch(
-                f"the login server's CA fingerprint is {fingerprint}, "
-                f"but --ca-fingerprint says {expected}; refusing to trust it"
-            )
+        fingerprint = check_expected_fingerprint(ca, expected)
         current = self.pinned_ca()
         if current is None:
             self._write(self.ca_path, certs.to_pem(ca).encode("ascii"))
@@ -154,6 +149,17 @@ class IdentityStore:
         if ca is None:
             raise NotLoggedIn("no CA pinned; log in first")
         return signed.open_document_untrusted(certs.cert_key(ca), BOOTSTRAP_CONTEXT, document)
+
+
+def check_expected_fingerprint(ca: x509.Certificate, expected: str | None) -> str:
+    """The CA's fingerprint, refused when the user gave another with --ca-fingerprint."""
+    fingerprint = certs.ca_fingerprint(ca)
+    if expected and expected.lower() != fingerprint:
+        raise CAMismatch(
+            f"the login server's CA fingerprint is {fingerprint}, "
+            f"but --ca-fingerprint says {expected}; refusing to trust it"
+        )
+    return fingerprint
 
 
 def ca_changed_message(pinned: str, presented: str) -> str:

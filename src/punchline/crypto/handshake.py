@@ -134,17 +134,13 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
+def _claims(m: _Message) -> list[bytes]:
+    """What a message asserts: certificate, ephemeral key, nonce, recipient, time."""
+    return [m.cert_der, m.eph, m.nonce, m.to.encode("utf-8"), m.ts.to_bytes(8, "big")]
+
+
 def _signed_bytes(context: str, direction: bytes, m: _Message, hello_hash: bytes = b"") -> bytes:
-    items = [
-        _PROTOCOL,
-        context.encode("ascii"),
-        direction,
-        m.cert_der,
-        m.eph,
-        m.nonce,
-        m.to.encode("utf-8"),
-        m.ts.to_bytes(8, "big"),
-    ]
+    items = [_PROTOCOL, context.encode("ascii"), direction, *_claims(m)]
     if direction == b"answer":
         items.append(hello_hash)
     return _encode(*items)
@@ -153,16 +149,7 @@ def _signed_bytes(context: str, direction: bytes, m: _Message, hello_hash: bytes
 def _hello_hash(m: _Message) -> bytes:
     # Covers everything the initiator asserts except the signature, so a replay with a
     # re-encoded or garbage signature still has the same id.
-    return hashlib.sha256(
-        _encode(
-            _HELLO_ID_LABEL,
-            m.cert_der,
-            m.eph,
-            m.nonce,
-            m.to.encode("utf-8"),
-            m.ts.to_bytes(8, "big"),
-        )
-    ).digest()
+    return hashlib.sha256(_encode(_HELLO_ID_LABEL, *_claims(m))).digest()
 
 
 # ------------------------------------------------------------------ parsing

@@ -59,7 +59,7 @@ def enroll(
         "ts": ts,
         "proof": signed.make_proof(key, "enroll", node_id, ts),
     }
-    http, _first = account.connect(store, url, ca_fingerprint)
+    http = account.connect(store, url, ca_fingerprint)
     with http:
         answer = http.post("/v1/nodes/enroll", request)
         store.pin(http.ca)

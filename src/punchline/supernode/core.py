@@ -193,8 +193,9 @@ class SupernodeCore:
             for link in self.links.values():
                 channel = link.session.channel
                 if channel is not None and channel.session_id == packet.session_id:
-                    for message in link.session.receive_untrusted(packet, now):
-                        self._from_link(link, message, now)
+                    # Links only carry our deliveries out: receiving processes their
+                    # acknowledgements; any message on them is not for us to act on.
+                    link.session.receive_untrusted(packet, now)
                     return
             self.counters["unknown_session"] += 1
             return
@@ -410,10 +411,6 @@ class SupernodeCore:
                 origin.channel.send(
                     {"t": "signal_error", "ref": ref, "to": to, "reason": "unreachable"}, now
                 )
-
-    def _from_link(self, link: Link, message: dict[str, Any], now: float) -> None:
-        # Links only carry our own deliveries out; nothing is expected back on them yet.
-        return
 
     # ----------------------------------------------------------------- time and output
 
