@@ -9,12 +9,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,17 +22,7 @@ from punchline.nat.stun_server import BindingResponder
 from punchline.wire import stun
 from punchline.wire.stun import Attr, Class, Message, Method
 from tests.conftest import unavailable
-
-STARTUP_SECONDS = 20.0
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        unavailable(f"{name} is not installed (Debian package coturn; tools/run installs it)")
-    assert path is not None
-    return path
-
+from tests.interop.coturn import STARTUP_SECONDS, tool, turnserver
 
 # ------------------------------------------------------------------ turnutils_stunclient -> us
 
@@ -90,8 +78,8 @@ async def _run_stunclient(tool: str) -> tuple[int | None, str, _UdpResponder]:
 
 
 def test_turnutils_stunclient_learns_its_address_from_our_responder() -> None:
-    tool = _tool("turnutils_stunclient")
-    returncode, output, protocol = asyncio.run(_run_stunclient(tool))
+    binary = tool("turnutils_stunclient")
+    returncode, output, protocol = asyncio.run(_run_stunclient(binary))
     assert returncode == 0, output
     assert protocol.responder.counters["answered"] >= 1, protocol.responder.counters
     assert protocol.responder.counters["malformed"] == 0
@@ -100,52 +88,6 @@ def test_turnutils_stunclient_learns_its_address_from_our_responder() -> None:
 
 
 # ------------------------------------------------------------------ us -> turnserver
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def _turnserver(tmp_path: Path, *extra: str) -> Iterator[int]:
-    """coturn on loopback UDP only, with its pid file, database and log in `tmp_path`.
-
-    `--no-cli` keeps it off the fixed telnet CLI port 5766 (it starts without it too, but logs
-    a CONFIG ERROR about the empty CLI password); `-n` ignores /etc/turnserver.conf.
-    """
-    binary = _tool("turnserver")
-    port = _free_udp_port()
-    log = tmp_path / "turnserver.log"
-    argv = [
-        binary,
-        "-n",
-        "--listening-ip=127.0.0.1",
-        "--relay-ip=127.0.0.1",
-        f"--listening-port={port}",
-        "--no-tcp",
-        "--no-tls",
-        "--no-dtls",
-        "--no-cli",
-        f"--pidfile={tmp_path / 'turnserver.pid'}",
-        f"--db={tmp_path / 'turndb'}",
-        "--log-file=stdout",
-        "--simple-log",
-        *extra,
-    ]
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _transact(
@@ -168,12 +110,12 @@ def _transact(
 
 def test_turnserver_answers_our_binding_request(tmp_path: Path) -> None:
     with (
-        _turnserver(tmp_path, "--stun-only") as port,
+        turnserver(tmp_path, "--stun-only") as coturn,
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
     ):
         sock.bind(("127.0.0.1", 0))
         request = stun.binding_request(software="punchline interop test")
-        reply = _transact(sock, port, request, time.monotonic() + STARTUP_SECONDS)
+        reply = _transact(sock, coturn.port, request, time.monotonic() + STARTUP_SECONDS)
         ours = sock.getsockname()
     assert (reply.method, reply.cls) == (Method.BINDING, Class.SUCCESS)
     xored = reply.get(Attr.XOR_MAPPED_ADDRESS)
@@ -182,7 +124,7 @@ def test_turnserver_answers_our_binding_request(tmp_path: Path) -> None:
     plain = reply.get(Attr.MAPPED_ADDRESS)
     assert plain is None or stun.decode_address_untrusted(plain) == ours
     origin = reply.get(Attr.RESPONSE_ORIGIN)
-    assert origin is None or stun.decode_address_untrusted(origin) == ("127.0.0.1", port)
+    assert origin is None or stun.decode_address_untrusted(origin) == ("127.0.0.1", coturn.port)
     software = reply.get(Attr.SOFTWARE)
     assert software is None or "Coturn" in stun.decode_text_untrusted(software)
 
@@ -193,9 +135,9 @@ def test_turnserver_accepts_our_long_term_credentials(tmp_path: Path) -> None:
     realm, username, password = "punchline.test", "alice", "s3cret"
     transport = (Attr.REQUESTED_TRANSPORT, stun.encode_requested_transport(17))
     with (
-        _turnserver(
+        turnserver(
             tmp_path, "--lt-cred-mech", f"--user={username}:{password}", f"--realm={realm}"
-        ) as port,
+        ) as coturn,
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
     ):
         sock.bind(("127.0.0.1", 0))
@@ -211,7 +153,7 @@ def test_turnserver_accepts_our_long_term_credentials(tmp_path: Path) -> None:
                 )
             tid = stun.new_transaction_id()
             request = stun.encode(Message(Method.ALLOCATE, Class.REQUEST, tid, attributes), key)
-            return _transact(sock, port, request, deadline, key if signed else None)
+            return _transact(sock, coturn.port, request, deadline, key if signed else None)
 
         challenge = allocate(None, None)
         assert challenge.cls == Class.ERROR
@@ -247,7 +189,7 @@ def test_turnserver_accepts_our_long_term_credentials(tmp_path: Path) -> None:
                 (Attr.NONCE, nonce),
             ),
         )
-        released = _transact(sock, port, stun.encode(release, key), deadline, key)
+        released = _transact(sock, coturn.port, stun.encode(release, key), deadline, key)
         assert (released.method, released.cls) == (Method.REFRESH, Class.SUCCESS)
 
 

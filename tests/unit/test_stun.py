@@ -528,7 +528,7 @@ def test_small_value_round_trips() -> None:
         (stun.decode_change_request_untrusted, b"\x00"),
         (stun.decode_response_port_untrusted, b"\x00\x01"),
         (stun.decode_channel_number_untrusted, b"\x3f\xff\x00\x00"),
-        (stun.decode_channel_number_untrusted, b"\x50\x00\x00\x00"),
+        (stun.decode_channel_number_untrusted, b"\x80\x00\x00\x00"),
         (stun.decode_requested_transport_untrusted, b"\x11"),
         (stun.decode_requested_address_family_untrusted, b"\x03\x00\x00\x00"),
         (stun.decode_even_port_untrusted, b""),

@@ -102,6 +102,7 @@ def build_app(service: AuthService) -> web.Application:
     app.router.add_post("/v1/login", json_route(service.login))
     app.router.add_post("/v1/password", json_route(service.change_password))
     app.router.add_post("/v1/renew", signed_route(service.renew))
+    app.router.add_post("/v1/turn", signed_route(service.turn_credentials))
     app.router.add_post("/v1/nodes/enroll", json_route(service.enroll_node))
     app.router.add_post("/v1/nodes/heartbeat", signed_route(service.heartbeat))
     return app

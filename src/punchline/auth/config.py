@@ -20,6 +20,10 @@ class AuthConfig:
     names: tuple[str, ...] = ()
     # Operator secret nodes must present to enrol; None means generate one into the data dir.
     enroll_secret: str | None = None
+    # Secret shared with relays for TURN REST API credentials; None means `turn-secret` in the
+    # data dir (created on first start). Give the same file to relays (--turn-secret-file).
+    turn_secret_file: Path | None = None
+    turn_credential_lifetime: float = 24 * 3600.0
     # Short-lived user certificates: a disabled account stops working within this time.
     user_cert_lifetime: float = 24 * 3600.0
     node_cert_lifetime: float = 7 * 24 * 3600.0

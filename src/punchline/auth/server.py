@@ -22,6 +22,7 @@ from punchline.auth.api import build_app
 from punchline.auth.config import AuthConfig
 from punchline.auth.passwords import PasswordHasher
 from punchline.auth.service import AuthService
+from punchline.relay import credentials
 from punchline.util.files import atomic_write, private_dir
 
 log = structlog.get_logger(component="auth")
@@ -79,8 +80,11 @@ async def serve(config: AuthConfig, stop: asyncio.Event | None = None) -> None:
     tls.minimum_version = ssl.TLSVersion.TLSv1_2
     tls.load_cert_chain(cert_path, key_path)
 
+    turn_secret = credentials.load_or_create_secret(
+        config.turn_secret_file or data_dir / credentials.SECRET_FILE
+    )
     service = AuthService(
-        config, authority, storage.sessions, PasswordHasher(config.argon2), secret
+        config, authority, storage.sessions, PasswordHasher(config.argon2), secret, turn_secret
     )
     runner = web.AppRunner(build_app(service), access_log=None, handle_signals=False)
     await runner.setup()

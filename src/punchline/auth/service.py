@@ -29,8 +29,10 @@ from punchline.auth.db import Account, IssuedCertificate, Node
 from punchline.auth.throttle import Throttle
 from punchline.identity import certs, keys, names, signed
 from punchline.identity.certs import Role
+from punchline.relay import credentials
 from punchline.wire.auth_api import (
     BOOTSTRAP_CONTEXT,
+    NODE_TRANSPORTS,
     REQUEST_CONTEXT,
     Refusal,
     decode_object_untrusted,
@@ -39,7 +41,6 @@ from punchline.wire.auth_api import (
 log = structlog.get_logger(component="auth")
 
 MAX_ADDRESSES = 16
-TRANSPORTS = frozenset({"udp", "tcp", "tls", "dht"})
 
 
 # The service refuses with the wire-level error the client will show its user.
@@ -94,7 +95,7 @@ def _addresses(value: object) -> list[dict[str, Any]]:
     for item in value:
         ok = (
             isinstance(item, dict)
-            and item.get("transport") in TRANSPORTS
+            and item.get("transport") in NODE_TRANSPORTS
             and isinstance(item.get("host"), str)
             and 0 < len(item["host"]) <= 255
             and isinstance(item.get("port"), int)
@@ -104,7 +105,7 @@ def _addresses(value: object) -> list[dict[str, Any]]:
             raise ServiceError(
                 400,
                 "invalid_field",
-                "each address needs transport (udp/tcp/tls/dht), host and port",
+                f"each address needs transport ({'/'.join(NODE_TRANSPORTS)}), host and port",
             )
         result.append({"transport": item["transport"], "host": item["host"], "port": item["port"]})
     return result
@@ -126,12 +127,14 @@ class AuthService:
         sessions: sessionmaker[Session],
         hasher: passwords.PasswordHasher,
         enroll_secret: str,
+        turn_secret: str,
     ) -> None:
         self.config = config
         self.ca = ca
         self._sessions = sessions
         self._hasher = hasher
         self._enroll_secret = enroll_secret
+        self._turn_secret = turn_secret
         self._lock = threading.Lock()
         self._by_account = Throttle(config.account_throttle)
         self._by_source = Throttle(config.source_throttle)
@@ -305,18 +308,20 @@ class AuthService:
             raise ServiceError(401, "stale_request", f"request refused: {exc}") from exc
         return SignedRequest(request, info)
 
+    @staticmethod
+    def _check_account_live(session: Session, subject: str) -> None:
+        account = session.scalars(select(Account).where(Account.name == subject)).one_or_none()
+        if account is None:
+            raise ServiceError(404, "unknown_user", f"account {subject!r} no longer exists")
+        if account.disabled:
+            raise ServiceError(403, "account_disabled", f"account {subject!r} is disabled")
+
     def renew(self, body: bytes, signature: str | None, now: float) -> dict[str, Any]:
         req = self.open_signed(body, signature, now, frozenset(Role) - {Role.CA, Role.LOGIN})
         subject, roles = req.info.subject, req.info.roles
         with self._session() as session:
             if Role.USER in roles:
-                account = session.scalars(
-                    select(Account).where(Account.name == subject)
-                ).one_or_none()
-                if account is None:
-                    raise ServiceError(404, "unknown_user", f"account {subject!r} no longer exists")
-                if account.disabled:
-                    raise ServiceError(403, "account_disabled", f"account {subject!r} is disabled")
+                self._check_account_live(session, subject)
             elif session.get(Node, subject) is None:
                 raise ServiceError(404, "unknown_node", f"node {subject!r} is not enrolled")
             cert = self._issue(session, subject, req.info.public_key, roles, now)
@@ -325,6 +330,16 @@ class AuthService:
             "certificate": certs.to_pem(cert),
             "cert_expires": certs.iso(cert.not_valid_after_utc.timestamp()),
         }
+
+    def turn_credentials(self, body: bytes, signature: str | None, now: float) -> dict[str, Any]:
+        """Relay credentials for a logged-in user (TURN REST API scheme, `relay.credentials`)."""
+        req = self.open_signed(body, signature, now, frozenset({Role.USER}))
+        with self._session() as session:
+            self._check_account_live(session, req.info.subject)
+        issued = credentials.issue(
+            self._turn_secret, req.info.subject, now, self.config.turn_credential_lifetime
+        )
+        return {**issued.as_json(), "ttl": self.config.turn_credential_lifetime}
 
     # ----------------------------------------------------------------- nodes
 
@@ -375,7 +390,10 @@ class AuthService:
             if "addresses" in req.body:
                 node.addresses = json.dumps(_addresses(req.body["addresses"]))
             node.last_seen = now
-        return {"node_id": req.info.subject, "bootstrap": self.bootstrap(now)}
+        answer: dict[str, Any] = {"node_id": req.info.subject, "bootstrap": self.bootstrap(now)}
+        if Role.RELAY in req.info.roles:  # relays check the TURN credentials users are given
+            answer["turn_secret"] = self._turn_secret
+        return answer
 
     def bootstrap(self, now: float) -> dict[str, str]:
         """The CA-signed list of nodes that sent a heartbeat recently."""

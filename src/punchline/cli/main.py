@@ -12,7 +12,15 @@ import sys
 import typer
 
 from punchline import __version__
-from punchline.cli import account_cmds, auth_cmds, demo, lab_cmds, network_cmds, node_cmds
+from punchline.cli import (
+    account_cmds,
+    auth_cmds,
+    demo,
+    lab_cmds,
+    network_cmds,
+    node_cmds,
+    relay_cmds,
+)
 from punchline.errors import PunchlineError
 from punchline.util import logs
 
@@ -28,6 +36,7 @@ app.add_typer(node_cmds.app, name="node")
 app.add_typer(lab_cmds.app, name="lab")
 account_cmds.register(app)
 network_cmds.register(app)
+relay_cmds.register(app)
 demo.register(app)
 
 

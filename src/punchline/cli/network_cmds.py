@@ -13,7 +13,22 @@ from typing import Annotated, Any
 import typer
 
 from punchline.cli.account_cmds import CaFingerprint
-from punchline.cli.options import DataDir, Json, emit_json, store
+from punchline.cli.options import (
+    Advertise,
+    AllowPrivatePeers,
+    AuthUrlOption,
+    DataDir,
+    EnrollSecret,
+    Json,
+    Listen,
+    NodeData,
+    RelayPorts,
+    TcpPorts,
+    TurnSecretFile,
+    emit_json,
+    port_range,
+    store,
+)
 from punchline.errors import LocalError, RemoteError
 from punchline.util import logs
 from punchline.util.parse import host_port
@@ -24,36 +39,56 @@ WavFile = Annotated[
 
 
 def supernode(
-    data: Annotated[Path, typer.Option("--data", help="The node's data dir (key, certificate).")],
-    listen: Annotated[str, typer.Option("--listen", help="HOST:PORT for UDP and TCP.")],
-    auth: Annotated[str, typer.Option("--auth", envvar="PUNCHLINE_AUTH", help="Login server URL.")],
+    data: NodeData,
+    listen: Listen,
+    auth: AuthUrlOption,
     bootstrap: Annotated[
         list[str] | None,
         typer.Option("--bootstrap", help="HOST:PORT of another supernode's DHT node (repeatable)."),
     ] = None,
-    tcp_port: Annotated[
-        list[int] | None, typer.Option("--tcp-port", help="Extra TLS port, e.g. 443 (repeatable).")
-    ] = None,
+    tcp_port: TcpPorts = None,
     dht_port: Annotated[int, typer.Option(help="UDP port of this node's DHT node (0: any).")] = 0,
-    advertise: Annotated[
-        str | None, typer.Option(help="Address clients use to reach this node.")
-    ] = None,
-    enroll_secret: Annotated[
-        str | None,
-        typer.Option("--enroll-secret", envvar="PUNCHLINE_ENROLL_SECRET", help="Operator secret."),
-    ] = None,
+    advertise: Advertise = None,
+    enroll_secret: EnrollSecret = None,
     ca_fingerprint: CaFingerprint = None,
     loopback_lab: Annotated[
         bool, typer.Option(help="Lift the DHT's per-address rate limit (all nodes on one host).")
     ] = False,
+    relay: Annotated[
+        bool, typer.Option("--relay", help="Also be a relay node (TURN) on its own ports.")
+    ] = False,
+    relay_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the relay's UDP/TCP port [default: any].")
+    ] = None,
+    relay_tcp_port: Annotated[
+        list[int] | None, typer.Option(help="The relay's TLS/TCP ports, e.g. 443 (repeatable).")
+    ] = None,
+    turn_secret_file: TurnSecretFile = None,
+    relay_ports: RelayPorts = None,
+    allow_private_peers: AllowPrivatePeers = False,
 ) -> None:
     """Run a supernode: attach clients, answer STUN, share presence over OpenDHT."""
     from punchline import environment
+    from punchline.relay.allocation import RelayConfig
+    from punchline.relay.server import RelayServerConfig
     from punchline.supernode.server import SupernodeConfig, run
 
     logs.configure("INFO")
     environment.require_opendht()
     host, port = host_port(listen)
+    relay_host, relay_port = host_port(relay_listen) if relay_listen else (host, 0)
+    relay_config = RelayServerConfig(
+        data_dir=data,
+        listen_host=relay_host,
+        listen_port=relay_port,
+        auth_url=auth,
+        turn_secret_file=turn_secret_file,
+        tcp_ports=tuple(relay_tcp_port or ()),
+        relay_ports=port_range(relay_ports),
+        advertise_host=advertise,
+        health_listen=None,
+        core=RelayConfig(allow_private_peers=allow_private_peers),
+    )
     config = SupernodeConfig(
         data_dir=data,
         listen_host=host,
@@ -66,6 +101,7 @@ def supernode(
         ca_fingerprint=ca_fingerprint,
         advertise_host=advertise,
         dht_unlimited_rate=loopback_lab,
+        relay=relay_config if relay else None,
     )
     asyncio.run(run(config))
 
@@ -81,17 +117,37 @@ def up(
     renewal_check: Annotated[
         float, typer.Option(hidden=True, help="Seconds between certificate renewal checks.")
     ] = 600.0,
+    relay_only: Annotated[
+        bool, typer.Option("--relay-only", help="Send media only through a relay node.")
+    ] = False,
+    relay_transport: Annotated[
+        str,
+        typer.Option(help="Way to the relay: auto (udp, tcp, tls, proxy), udp, tcp, tls, proxy."),
+    ] = "auto",
+    proxy: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HTTPS_PROXY", help="HTTP CONNECT proxy, http://[user:pass@]host:port."
+        ),
+    ] = None,
 ) -> None:
     """Go online: attach to a supernode, publish presence, take and place calls."""
     from punchline.client.daemon import Daemon, DaemonConfig
+    from punchline.client.relay_path import TRANSPORT_CHOICES
+    from punchline.relay.connection import ProxyConfig
     from punchline.voice import wav
 
     logs.configure("INFO")
     identity_store = store(data)
     if play is not None:
         wav.read_wav(play)
+    if relay_transport not in TRANSPORT_CHOICES:
+        raise LocalError(f"--relay-transport must be one of {', '.join(TRANSPORT_CHOICES)}")
+    if proxy is not None:
+        ProxyConfig.parse(proxy)  # a wrong URL is reported now, not at the first call
     config = DaemonConfig(identity_store.dir, auto_answer, play, record, prefer=supernode,
-                          renewal_check_interval=renewal_check)  # fmt: skip
+                          renewal_check_interval=renewal_check, relay_only=relay_only,
+                          relay_transport=relay_transport, proxy=proxy)  # fmt: skip
     asyncio.run(Daemon(config).run())
 
 

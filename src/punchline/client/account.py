@@ -19,6 +19,7 @@ from punchline.client.auth_client import AuthClient, fetch_ca_unverified
 from punchline.client.store import CAMismatch, IdentityStore, Profile, check_expected_fingerprint
 from punchline.errors import LocalError, RemoteError
 from punchline.identity import certs, keys, names, signed
+from punchline.relay.credentials import TurnCredentials
 from punchline.wire.auth_api import REQUEST_CONTEXT
 
 log = structlog.get_logger(component="client")
@@ -164,6 +165,22 @@ def renew(
     store.save_credentials(identity.profile, str(answer.get("certificate")), role)
     log.info("certificate renewed", user=identity.profile.user, expires=answer.get("cert_expires"))
     return current(store, time.time(), role)
+
+
+def turn_credentials(store: IdentityStore, timeout: float = 10.0) -> TurnCredentials:
+    """Fresh relay credentials from the login server (valid for a day by default)."""
+    identity = current(store, time.time())
+    ca = store.pinned_ca()
+    assert ca is not None
+    body, signature = signed_request(store.key(), certs.to_pem(store.certificate()), {})
+    with AuthClient(identity.profile.auth_url, ca, timeout) as http:
+        answer = http.post_signed("/v1/turn", body, signature)
+    try:
+        return TurnCredentials(
+            str(answer["username"]), str(answer["password"]), float(answer["expires"])
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RemoteError("the login server sent malformed TURN credentials") from exc
 
 
 def refresh_bootstrap(store: IdentityStore, timeout: float = 3.0) -> bool:

@@ -26,10 +26,12 @@ import structlog
 from punchline.call.media import Address, MediaConfig, MediaSession
 from punchline.call.signaling import Call, CallConfig, CallState
 from punchline.client import account, control
+from punchline.client.relay_path import RelayPath
 from punchline.client.store import IdentityStore
 from punchline.crypto import handshake
-from punchline.errors import LocalError
+from punchline.errors import LocalError, PunchlineError
 from punchline.identity import certs, keys
+from punchline.relay.connection import ProxyConfig
 from punchline.session.channel import ChannelConfig
 from punchline.session.outbound import Identity, OutboundSession, State
 from punchline.voice import wav
@@ -58,6 +60,12 @@ class DaemonConfig:
     # Presence records live this long and are republished well before they expire.
     record_lifetime: float = 150.0
     republish_interval: float = 45.0
+    # Media only through a relay node (`punchline up --relay-only`), over this transport
+    # (auto: UDP, then TCP, TLS 443, then TLS through `proxy`).
+    relay_only: bool = False
+    relay_transport: str = "auto"
+    proxy: str | None = None
+    relay_retry_interval: float = 5.0
     channel: ChannelConfig = field(default_factory=ChannelConfig)
     call: CallConfig = field(default_factory=CallConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
@@ -126,6 +134,10 @@ class Daemon:
         self.counters = {"replayed_invites": 0, "forged_invites": 0, "malformed": 0}
         self._pending_answer: dict[str, Any] = {}
         self._retry_at = 0.0
+        self.relay: RelayPath | None = None
+        if config.relay_only:
+            proxy = ProxyConfig.parse(config.proxy) if config.proxy else None
+            self.relay = RelayPath(self.store, self._relayed_data, config.relay_transport, proxy)
 
     # ----------------------------------------------------------------- start
 
@@ -169,6 +181,24 @@ class Daemon:
                  supernodes=len(self.supernodes))  # fmt: skip
         self._attach(time.time())
         self._spawn(self._renewals())
+        if self.relay is not None:
+            self._spawn(self._keep_relay(self.relay))
+
+    async def _keep_relay(self, relay: RelayPath) -> None:
+        """Relay-only mode: hold an allocation all the time, so a call's audio flows at once."""
+        while True:
+            try:
+                connection = await relay.open()
+            except PunchlineError as exc:
+                log.warning("no relay allocation; retrying", reason=str(exc))
+                await asyncio.sleep(self.config.relay_retry_interval)
+                continue
+            reason = await connection.wait_closed()
+            log.warning("relay allocation lost; allocating again", reason=reason)
+            relay.connection = None
+
+    def _relayed_data(self, data: bytes, peer: Address) -> None:
+        self.received("media", data, peer)
 
     async def _renewals(self) -> None:
         """Renew the certificate while running (it lasts a day); new sessions and the
@@ -298,6 +328,10 @@ class Daemon:
 
     def _media_candidates(self) -> list[list[Any]]:
         assert self._media_sock is not None
+        if self.relay is not None:
+            if self.relay.connection is None:
+                raise LocalError("relay-only mode and no relay allocation yet; try again shortly")
+            return [list(self.relay.connection.relayed)]
         port = int(self._media_sock.get_extra_info("sockname")[1])
         hosts = []
         for addrs in psutil.net_if_addrs().values():
@@ -411,6 +445,9 @@ class Daemon:
                 candidates.append((str(item[0]), int(item[1])))
         active.media = MediaSession(call.keys, candidates, active.source, active.sink, now,
                                     self.config.media)  # fmt: skip
+        if self.relay is not None and self.relay.connection is not None:
+            for candidate in candidates:  # permissions, so the peer's media can reach us
+                self.relay.connection.add_peer(candidate)
         if active.duration is not None:
             active.hangup_at = now + active.duration
         elif isinstance(active.source, wav.WavSource) and call.outgoing:
@@ -432,15 +469,14 @@ class Daemon:
             now = wall_start + frames * step
             frames += 1
             media = active.media
-            path = "direct"
+            path = "direct" if self.relay is None else self.relay.label
             if media.remote is not None and (not active.paths or active.paths[-1]["path"] != path):
                 active.paths.append(
                     {"path": path, "at_ms": round((now - active.requested_at) * 1000)}
                 )
             media.tick(now)
-            if self._media_sock is not None:
-                for data, address in media.datagrams():
-                    self._media_sock.sendto(data, address)
+            for data, address in media.datagrams():
+                self._send_media(data, address)
             source = active.source
             if (active.hangup_at is None and active.duration is None and active.call.outgoing
                     and isinstance(source, wav.WavSource) and source.exhausted):  # fmt: skip
@@ -448,6 +484,13 @@ class Daemon:
             self._pump(now)
             next_tick += step
             await asyncio.sleep(max(0.0, next_tick - loop.time()))
+
+    def _send_media(self, data: bytes, address: Address) -> None:
+        if self.relay is not None:
+            if self.relay.connection is not None:
+                self.relay.connection.send(data, address)
+        elif self._media_sock is not None:
+            self._media_sock.sendto(data, address)
 
     def _finish(self, active: ActiveCall) -> None:
         active.finished = True
@@ -577,6 +620,7 @@ class Daemon:
             "transport": "udp" if self.current is not None else None,
             "reflexive": list(self.reflexive) if self.reflexive else None,
             "nat": None,
+            "relay": None if self.relay is None else self.relay.status(),
             "call": call,
             "counters": dict(self.counters),
         }
@@ -656,4 +700,7 @@ class Daemon:
         for sock in (self._signal_sock, self._media_sock):
             if sock is not None:
                 sock.close()
+        if self.relay is not None:
+            with contextlib.suppress(Exception):
+                await self.relay.close()
         log.info("daemon stopped")

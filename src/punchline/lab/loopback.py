@@ -72,11 +72,33 @@ class Supernode(Proc):
 
 
 @dataclass
+class Relay(Proc):
+    node_id: str = ""
+    udp_port: int = 0
+    tcp_ports: list[int] = field(default_factory=list)
+    health_port: int = 0
+
+
+def _ready_file(path: Path, process: subprocess.Popen[bytes]) -> Any:
+    """A check for `_wait_for`: the JSON a node writes once it serves, if it is this process's."""
+
+    def ready() -> dict[str, Any] | None:
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return value if value.get("pid") == process.pid else None
+
+    return ready
+
+
+@dataclass
 class Network:
     root: Path
     auth: launcher.AuthProcess | None = None
     supernodes: list[Supernode] = field(default_factory=list)
     daemons: dict[str, Proc] = field(default_factory=dict)
+    relays: list[Relay] = field(default_factory=list)
     # The operator's enrolment secret of this throw-away network.
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(16))
 
@@ -102,19 +124,24 @@ class Network:
             args += ["--bootstrap", f"127.0.0.1:{other.dht_port}"]
         args += list(extra)
         process, log = self._spawn(name, args)
-        ready_file = data / "supernode.json"
-
-        def ready() -> dict[str, Any] | None:
-            try:
-                value = json.loads(ready_file.read_text())
-            except (OSError, ValueError):
-                return None
-            return value if value.get("pid") == process.pid else None
-
-        info = _wait_for(ready, 30, name, process)
+        info = _wait_for(_ready_file(data / "supernode.json", process), 30, name, process)
         node = Supernode(name, process, log, info["node_id"], info["dht_port"], info["udp"][1])
         self.supernodes.append(node)
         return node
+
+    def start_relay(self, *extra: str) -> Relay:
+        """A relay node on loopback; peers on private addresses allowed (everything is local)."""
+        assert self.auth is not None
+        name = f"relay{len(self.relays) + 1}"
+        data = self.root / name
+        args = ["relay", "--data", str(data), "--listen", "127.0.0.1:0", "--auth", self.auth.url,
+                "--enroll-secret", self.secret, "--allow-private-peers", *extra]  # fmt: skip
+        process, log = self._spawn(name, args)
+        info = _wait_for(_ready_file(data / "relay.json", process), 30, name, process)
+        relay = Relay(name, process, log, info["node_id"], info["udp"], info["tcp_ports"],
+                      info["health_port"])  # fmt: skip
+        self.relays.append(relay)
+        return relay
 
     def signup(self, user: str) -> account.Identity:
         assert self.auth is not None
@@ -153,13 +180,14 @@ class Network:
         return next(s for s in self.supernodes if s.node_id == node_id)
 
     def stop(self) -> None:
-        for proc in [*self.daemons.values(), *self.supernodes]:
+        for proc in [*self.daemons.values(), *self.supernodes, *self.relays]:
             proc.stop()
         if self.auth is not None:
             self.auth.stop()
 
     def logs(self) -> str:
-        parts = [f"--- {p.name}\n{p.tail()}" for p in [*self.supernodes, *self.daemons.values()]]
+        procs = [*self.supernodes, *self.relays, *self.daemons.values()]
+        parts = [f"--- {p.name}\n{p.tail()}" for p in procs]
         return "\n".join(parts)
 
 

@@ -17,7 +17,10 @@ from punchline.client.auth_client import AuthClient
 from punchline.client.store import IdentityStore, Profile
 from punchline.errors import LocalError
 from punchline.identity import certs, keys, signed
+from punchline.relay import credentials
+from punchline.util.files import atomic_write
 from punchline.util.parse import host_port
+from punchline.wire.auth_api import NODE_TRANSPORTS
 
 
 @dataclass(frozen=True)
@@ -28,9 +31,9 @@ class NodeAddress:
 
     @classmethod
     def parse(cls, text: str) -> NodeAddress:
-        """`udp:HOST:PORT`, `tcp:HOST:PORT` or `tls:HOST:PORT` (IPv6 hosts in brackets)."""
+        """`TRANSPORT:HOST:PORT`, e.g. `udp:…`, `tls:…`, `turn-udp:…` (IPv6 hosts in brackets)."""
         transport, _, rest = text.partition(":")
-        if transport not in ("udp", "tcp", "tls", "dht") or not rest:
+        if transport not in NODE_TRANSPORTS or not rest:
             raise LocalError(f"address must look like udp:HOST:PORT, tcp:… or tls:…, not {text!r}")
         host, port = host_port(rest)
         return cls(transport, host, port)
@@ -80,4 +83,7 @@ def heartbeat(
     body, signature = account.signed_request(store.key(), certs.to_pem(store.certificate()), extra)
     with AuthClient(profile.auth_url, ca, timeout) as http:
         answer = http.post_signed("/v1/nodes/heartbeat", body, signature)
+    secret = answer.get("turn_secret")
+    if isinstance(secret, str) and secret:  # relays: the secret behind users' TURN credentials
+        atomic_write(store.dir / credentials.SECRET_FILE, (secret + "\n").encode(), 0o600)
     return store.save_bootstrap(answer.get("bootstrap"))

@@ -15,14 +15,13 @@ from typing import Any
 
 import structlog
 
-from punchline.client import account
 from punchline.client.store import IdentityStore
-from punchline.errors import LocalError
 from punchline.identity import certs, keys
-from punchline.node import enrolment
+from punchline.node import lifecycle
 from punchline.node.enrolment import NodeAddress
 from punchline.overlay.dht import DhtConfig, DhtIndex
 from punchline.overlay.index import PresenceIndex
+from punchline.relay.server import RelayServer, RelayServerConfig
 from punchline.runtime.driver import Driver
 from punchline.session.outbound import Identity
 from punchline.supernode.core import CoreConfig, Lookup, Publish, Route, SupernodeCore
@@ -52,6 +51,8 @@ class SupernodeConfig:
     heartbeat_interval: float = 20.0
     dht_unlimited_rate: bool = False
     core: CoreConfig = field(default_factory=CoreConfig)
+    # Also serve as a relay node (`supernode --relay`): TURN on its own ports, same identity.
+    relay: RelayServerConfig | None = None
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -77,6 +78,7 @@ class SupernodeServer:
         self.index: PresenceIndex | None = None
         self.core: SupernodeCore | None = None
         self.driver: Driver | None = None
+        self.relay: RelayServer | None = None
 
     # ----------------------------------------------------------------- start-up
 
@@ -88,26 +90,6 @@ class SupernodeServer:
         found += [NodeAddress("tls", host, p) for p in self.config.tcp_ports]
         found.append(NodeAddress("dht", host, dht_port))
         return found
-
-    def _enrol(self, addresses: list[NodeAddress]) -> Identity:
-        now = time.time()
-        try:
-            identity = enrolment_identity(self.store, now)
-        except Exception:  # any problem with the stored identity: enrol afresh
-            identity = None
-        if identity is None:
-            if not self.config.enroll_secret:
-                raise LocalError(
-                    "this supernode is not enrolled yet: give the operator's secret with "
-                    "--enroll-secret or PUNCHLINE_ENROLL_SECRET"
-                )
-            enrolment.enroll(
-                self.store, self.config.auth_url, self.config.enroll_secret,
-                [certs.Role.SUPERNODE], addresses, self.config.ca_fingerprint,
-            )  # fmt: skip
-            identity = enrolment_identity(self.store, now)
-            assert identity is not None
-        return identity
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,25 +109,41 @@ class SupernodeServer:
         )
         self.index = dht
         addresses = self._addresses(udp_port, dht.port)
-        identity = await asyncio.to_thread(self._enrol, addresses)
+        roles = [certs.Role.SUPERNODE]
+        if self.config.relay is not None:
+            self.relay = RelayServer(self.config.relay, self.store)
+            await self.relay.open()
+            addresses += self.relay.addresses()
+            roles.append(certs.Role.RELAY)
+        identity = await asyncio.to_thread(
+            lifecycle.ensure_enrolled, self.store, self.config.auth_url, self.config.enroll_secret,
+            roles, addresses, self.config.ca_fingerprint,
+        )  # fmt: skip
+        if self.relay is not None:
+            await self.relay.go_live(addresses)
         node_id = keys.key_id(identity.key.public_key())
         self.core = SupernodeCore(identity, node_id, time.time(), self.config.core, self._stun())
         self.driver = Driver(self.core, self._flush)
         self._servers.append(
             await asyncio.start_server(self._tcp_client, self.config.listen_host, udp_port)
         )
-        tls = self._tls_context()
+        tls = lifecycle.tls_context(self.store)
         for port in self.config.tcp_ports:
             self._servers.append(
                 await asyncio.start_server(self._tcp_client, self.config.listen_host, port, ssl=tls)
             )
-        self._spawn(self._heartbeats(addresses))
+        self._spawn(lifecycle.heartbeats(self.store, addresses, self.config.heartbeat_interval,
+                                         certs.Role.SUPERNODE, self._listing,
+                                         self._renewed))  # fmt: skip
         ready = {
             "node_id": node_id,
             "pid": os.getpid(),
             "udp": [a.host for a in addresses if a.transport == "udp"] + [udp_port],
             "dht_port": dht.port,
             "tls_ports": list(self.config.tcp_ports),
+            "relay": None
+            if self.relay is None
+            else {"udp": self.relay.udp_port, "health_port": self.relay.health_port},
         }
         atomic_write(self.config.data_dir / READY_FILE, json.dumps(ready).encode(), 0o644)
         log.info("supernode running", node=node_id, udp=udp_port, dht=dht.port,
@@ -163,11 +161,6 @@ class SupernodeServer:
             return responder.handle_untrusted(data, route[1], (host, port))
 
         return answer
-
-    def _tls_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self.store.cert_path, self.store.key_path)
-        return context
 
     # ----------------------------------------------------------------- I/O
 
@@ -229,22 +222,16 @@ class SupernodeServer:
             self._tcp.pop(name, None)
             writer.close()
 
-    async def _heartbeats(self, addresses: list[NodeAddress]) -> None:
-        while True:
-            try:
-                listing = await asyncio.to_thread(enrolment.heartbeat, self.store, addresses)
-                self._bootstrap_dht(listing)
-                await self._renew_if_due()
-            except Exception as exc:  # the login server may be away
-                log.warning("heartbeat failed", error=str(exc))
-            await asyncio.sleep(self.config.heartbeat_interval)
+    def _listing(self, listing: dict[str, Any]) -> None:
+        self._bootstrap_dht(listing)
+        if self.relay is not None:
+            self.relay.load_secret()
 
-    async def _renew_if_due(self) -> None:
-        """Node certificates last a week: renew while running, for new sessions from now on."""
-        freshness = await asyncio.to_thread(
-            account.ensure_fresh, self.store, time.time(), 10.0, certs.Role.SUPERNODE
-        )
-        if freshness.renewed and self.core is not None:
+    def _renewed(self) -> None:
+        """Node certificates last a week: renewed while running, for new sessions from now on."""
+        if self.relay is not None:
+            self.relay.renewed()
+        if self.core is not None:
             self.core.identity = Identity(self.core.identity.key, self.store.certificate(),
                                           self.core.identity.ca)  # fmt: skip
 
@@ -274,19 +261,9 @@ class SupernodeServer:
             self.driver.stop()
         if self.index is not None:
             await self.index.close()
+        if self.relay is not None:
+            await self.relay.stop()
         (self.config.data_dir / READY_FILE).unlink(missing_ok=True)
-
-
-def enrolment_identity(store: IdentityStore, now: float) -> Identity | None:
-    """The node identity in the data dir if its certificate is valid for a while yet."""
-    ca = store.pinned_ca()
-    if ca is None or not store.cert_path.exists():
-        return None
-    cert = store.certificate()
-    info = certs.verify(cert, ca, now, certs.Role.SUPERNODE)
-    if info.not_after - now < info.lifetime / 3:
-        return None
-    return Identity(store.key(), cert, ca)
 
 
 async def run(config: SupernodeConfig) -> None:

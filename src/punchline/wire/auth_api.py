@@ -15,6 +15,10 @@ SIGNATURE_HEADER = "X-Punchline-Signature"
 # Context labels of the signatures (see identity.signed): request bodies, the bootstrap list.
 REQUEST_CONTEXT = "request"
 BOOTSTRAP_CONTEXT = "bootstrap"
+# How nodes can be reached, as listed in the bootstrap list: a supernode's session ports
+# (udp, tcp, and tls on 443/80), its DHT port, and a relay's TURN ports (RFC 8656 over UDP,
+# TCP, and TLS which also serves HTTP CONNECT tunnels).
+NODE_TRANSPORTS = ("udp", "tcp", "tls", "dht", "turn-udp", "turn-tcp", "turn-tls")
 
 
 class Refusal(RemoteError):

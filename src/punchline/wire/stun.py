@@ -582,8 +582,10 @@ def decode_channel_number_untrusted(value: bytes) -> int:
     if len(value) != 4:
         raise StunError("CHANNEL-NUMBER must be 4 bytes")
     channel = int.from_bytes(value[:2], "big")
-    if not 0x4000 <= channel <= 0x4FFF:
-        raise StunError(f"channel number {channel:#x} is outside 0x4000-0x4FFF")
+    # RFC 5766 clients (coturn's uclient among them) still use 0x5000-0x7FFF: accepted on
+    # decode, never produced by `encode_channel_number`.
+    if not 0x4000 <= channel <= 0x7FFF:
+        raise StunError(f"channel number {channel:#x} is outside 0x4000-0x7FFF")
     return channel
 
 
