@@ -661,9 +661,10 @@ count_error(Forwarder *self, const pending *p)
 /* Sends the queued datagrams, one sendmmsg() run per destination fd, keeping the order within
  * each fd (so a flow is never reordered). The O(n^2) grouping is at most 64*64 comparisons and
  * needs no allocation. Errors are counted, never raised: a full socket buffer (EAGAIN,
- * ENOBUFS) drops the rest of that fd's share, as the kernel would have dropped it a moment
- * later anyway; any other error (e.g. an unreachable or invalid destination) is a property of
- * one datagram, so only that one is skipped. */
+ * ENOBUFS) drops the rest of that fd's share without trying, since retrying at once would only
+ * spend a system call per datagram to fail again (PyForwarder does try each; the counts come
+ * out the same); any other error (e.g. an invalid destination) belongs to one datagram, so
+ * only that one is skipped. */
 static void
 flush(Forwarder *self, int ntx, int to_client)
 {
