@@ -206,7 +206,7 @@ def test_padded_and_empty_channel_data_are_forwarded(fwd: Forwarder, net: Relay)
         b"\x40\x00\x00",
         b"",
         b"\x00\x01\x00\x00" + b"\x21\x12\xa4\x42" + bytes(12),  # a STUN Binding request
-        b"\x50\x00\x00\x01x",  # first byte outside 0x40-0x4F
+        b"\x80\x00\x00\x01x",  # first byte outside 0x40-0x7F (RTP/RTCP)
         b"\x3f\xff\x00\x01x",
     ],
 )
@@ -378,7 +378,7 @@ def test_invalid_arguments(fwd: Forwarder, net: Relay) -> None:
     with pytest.raises(ValueError, match="channel"):
         fwd.bind(listen, client, 0x3FFF, relay, peer)
     with pytest.raises(ValueError, match="channel"):
-        fwd.bind(listen, client, 0x5000, relay, peer)
+        fwd.bind(listen, client, 0x8000, relay, peer)
     with pytest.raises(TypeError):
         fwd.bind(listen, "127.0.0.1:5", CHANNEL, relay, peer)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
@@ -478,7 +478,7 @@ def _random_datagrams(seed: int, count: int) -> list[bytes]:
     rng = random.Random(seed)
     out = []
     for _ in range(count):
-        first = rng.choice([0x40, 0x40, 0x40, 0x41, 0x4F, 0x3F, 0x50, 0x00, 0x01])
+        first = rng.choice([0x40, 0x40, 0x40, 0x41, 0x4F, 0x3F, 0x50, 0x80, 0x00, 0x01])
         second = rng.choice([0x00, 0x00, 0x01, 0xFF])
         body = rng.randbytes(rng.randrange(0, 40))
         length = rng.choice([len(body), len(body), max(0, len(body) - 3), len(body) + 1])

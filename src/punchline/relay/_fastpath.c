@@ -315,7 +315,7 @@ static int
 get_channel(PyObject *obj, uint16_t *channel)
 {
     long long value;
-    if (get_int(obj, "channel", 0x4000, 0x4FFF, &value) < 0) {
+    if (get_int(obj, "channel", 0x4000, 0x7FFF, &value) < 0) {
         return -1;
     }
     *channel = (uint16_t)value;
@@ -773,9 +773,10 @@ classify(Forwarder *self, int fd, int i, int to_client, uint64_t now, int ntx)
         return -1;
     }
     if (!to_client) {
-        /* From a client: ChannelData (first byte 0x40-0x4F, i.e. channels 0x4000-0x4FFF)
-         * whose length fits in the datagram; what follows the data is padding. */
-        if (len < CHANNEL_HEADER || (data[0] & 0xF0) != 0x40) {
+        /* From a client: ChannelData (first byte 0x40-0x7F: channels 0x4000-0x7FFF, RFC 5766's
+         * range, which coturn's own client still uses) whose length fits in the datagram;
+         * what follows the data is padding. */
+        if (len < CHANNEL_HEADER || (data[0] & 0xC0) != 0x40) {
             return -1;
         }
         uint16_t channel = (uint16_t)(data[0] << 8 | data[1]);

@@ -3,7 +3,7 @@
 The TURN state machine decides; this module only moves datagrams. Once a channel is bound and
 its permission is alive, the control plane calls `bind()`, and from then on
 
-- ChannelData from the client (first byte 0x40-0x4F, length within the datagram, padding
+- ChannelData from the client (first byte 0x40-0x7F, length within the datagram, padding
   allowed) on the listening socket goes out of the allocation's relayed socket to the peer,
   without its 4-byte header;
 - datagrams from that peer on the relayed socket go to the client from the listening socket,
@@ -31,12 +31,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeAlias
 
+from punchline.wire.channel_data import CHANNEL_HEADER_BYTES, MAX_CHANNEL, MIN_CHANNEL
+
 Address: TypeAlias = tuple[str, int]
 Datagram: TypeAlias = tuple[bytes, Address]
 
-MIN_CHANNEL = 0x4000
-MAX_CHANNEL = 0x4FFF
-CHANNEL_HEADER_BYTES = 4
+
 MAX_FD = 2**31 - 1
 MAX_RATE = 1 << 48
 MAX_BUDGET = 2**31 - 1
@@ -351,7 +351,7 @@ class PyForwarder:
         return slow
 
     def _forward_to_peer(self, fd: int, data: bytes, sender: Address, now: int) -> _Forward:
-        if len(data) < CHANNEL_HEADER_BYTES or data[0] & 0xF0 != 0x40:
+        if len(data) < CHANNEL_HEADER_BYTES or data[0] & 0xC0 != 0x40:
             return None
         channel = int.from_bytes(data[0:2], "big")
         length = int.from_bytes(data[2:4], "big")
