@@ -9,6 +9,7 @@ the shipped speech sample must still sound as good as a direct call.
 from __future__ import annotations
 
 import json
+import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from punchline.lab.loopback import Network, Relay, call_with_sample, pesq_of_recording
+from tests.conftest import unavailable
 from tests.interop.tinyproxy import PROXY_PASSWORD, PROXY_USER, tinyproxy
 
 
@@ -27,13 +29,24 @@ def _health(relay: Relay) -> dict[str, Any]:
     return value
 
 
+def _require_free(port: int) -> None:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            unavailable(f"TCP port {port} on loopback is taken or needs root: {exc}")
+
+
 @pytest.fixture(scope="module")
 def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
     net = Network(tmp_path_factory.mktemp("relayed"))
     try:
         net.start_auth()
         net.start_supernode()
-        net.start_relay("--tcp-port", "0")
+        for port in (443, 80):  # the ports a firewall lets out; the suite runs as root
+            _require_free(port)
+        net.start_relay("--tcp-port", "443", "--tcp-port", "80")
         net.signup("alice")
         net.signup("bob")
         yield net
@@ -76,7 +89,9 @@ def test_relayed_call_over_each_transport(network: Network, tmp_path: Path, tran
     assert report["connected"], report
     assert report["path"] == f"relay-{transport}"
     assert report["relay_status"]["transport"] == f"relay-{transport}"
-    assert report["pesq"] >= 4.0, report
+    if transport == "tls":  # the first TLS port listed, where firewalls let HTTPS out
+        assert report["relay_status"]["server"][1] == 443
+    assert report["pesq"] >= 3.8, report  # as a direct call (test_call.py)
     assert report["loss"] == 0.0
     after = _health(network.relays[0])
     relayed = after["relayed"]["packets_to_peer"] - before["relayed"]["packets_to_peer"]
@@ -90,7 +105,7 @@ def test_relayed_call_through_an_http_connect_proxy(network: Network, tmp_path: 
         report = _relayed_call(network, tmp_path, "--relay-transport", "proxy", "--proxy", proxy)
     assert report["connected"], report
     assert report["path"] == "relay-proxy"
-    assert report["pesq"] >= 4.0, report
+    assert report["pesq"] >= 3.8, report  # as a direct call (test_call.py)
 
 
 def test_wrong_proxy_password_leaves_the_daemon_running_and_saying_why(

@@ -42,7 +42,8 @@ _LADDER = ("udp", "tcp", "tls", "proxy")
 @dataclass(frozen=True)
 class RelayNode:
     node_id: str
-    addresses: dict[str, tuple[str, int]]  # "udp"/"tcp"/"tls" -> (host, port)
+    # "udp"/"tcp"/"tls" -> (host, port) in the listed order (TLS: typically 443, then 80)
+    addresses: dict[str, list[tuple[str, int]]]
 
 
 def relays_in(listing: dict[str, Any]) -> list[RelayNode]:
@@ -51,11 +52,12 @@ def relays_in(listing: dict[str, Any]) -> list[RelayNode]:
     for node in listing.get("nodes", []):
         if "relay" not in node.get("roles", []):
             continue
-        addresses: dict[str, tuple[str, int]] = {}
+        addresses: dict[str, list[tuple[str, int]]] = {}
         for address in node.get("addresses", []):
             transport = str(address.get("transport", ""))
             if transport.startswith("turn-"):
-                addresses.setdefault(transport[5:], (str(address["host"]), int(address["port"])))
+                where = (str(address["host"]), int(address["port"]))
+                addresses.setdefault(transport[5:], []).append(where)
         if addresses:
             found.append(RelayNode(str(node["node_id"]), addresses))
     return found
@@ -89,6 +91,7 @@ class RelayPath:
         self._issued_at = 0.0
         self.connection: TurnConnection | None = None
         self.node: RelayNode | None = None
+        self.server: RelayServer | None = None
 
     @property
     def label(self) -> str:
@@ -120,10 +123,7 @@ class RelayPath:
         creds = await self._fresh_credentials()
         failures = []
         for step in _steps(self.transport, self.proxy):
-            for node in relays:
-                server = self._server(node, step)
-                if server is None:
-                    continue
+            for node, server in ((n, s) for n in relays for s in self._servers(n, step)):
                 try:
                     self.connection = await open_turn(
                         server, creds.username, creds.password, on_data=self.on_data,
@@ -132,24 +132,21 @@ class RelayPath:
                         timeout=self.step_timeout,
                     )  # fmt: skip
                 except PunchlineError as exc:
-                    failures.append(f"{step} to {node.node_id[:12]}: {exc}")
+                    failures.append(f"{step} to {node.node_id[:12]} port {server.port}: {exc}")
                     log.info("relay attempt failed", relay=node.node_id, transport=step,
                              reason=str(exc))  # fmt: skip
                     continue
-                self.node = node
+                self.node, self.server = node, server
                 log.info("relay allocated", relay=node.node_id, transport=self.label,
-                         relayed=self.connection.relayed)  # fmt: skip
+                         server=str(server), relayed=self.connection.relayed)  # fmt: skip
                 return self.connection
         raise RelayUnavailable("no relay could be reached: " + "; ".join(failures or ["none"]))
 
     @staticmethod
-    def _server(node: RelayNode, step: str) -> RelayServer | None:
+    def _servers(node: RelayNode, step: str) -> list[RelayServer]:
         kind = "tls" if step == "proxy" else step
-        address = node.addresses.get(kind)
-        if address is None:
-            return None
         hostname = certs.node_dns_name(node.node_id) if kind == "tls" else None
-        return RelayServer(kind, address[0], address[1], hostname)
+        return [RelayServer(kind, h, p, hostname) for h, p in node.addresses.get(kind, [])]
 
     async def close(self) -> None:
         if self.connection is not None:
@@ -162,6 +159,7 @@ class RelayPath:
         return {
             "node_id": self.node.node_id,
             "transport": self.label,
+            "server": None if self.server is None else [self.server.host, self.server.port],
             "relayed": list(self.connection.relayed),
             "counters": dict(self.connection.counters),
         }

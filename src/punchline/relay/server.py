@@ -187,6 +187,7 @@ class RelayServer:
             NodeAddress("turn-udp", self.host, port),
             NodeAddress("turn-tcp", self.host, port),
             *(NodeAddress("turn-tls", self.host, p) for p in self.tls_ports),
+            *(NodeAddress("turn-tcp", self.host, p) for p in self.tls_ports),
         ]
 
     @property
