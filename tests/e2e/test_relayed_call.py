@@ -65,6 +65,8 @@ def _relayed_call(net: Network, tmp_path: Path, *relay_flags: str) -> dict[str, 
         report = call_with_sample(net, "alice", "bob", recording)
         report["pesq"] = pesq_of_recording(recording)
         report["relay_status"] = net.status("alice")["relay"]
+        shown = net.cli("status", "--data", str(net.root / "alice")).stdout
+        assert "media relayed by" in shown, shown
         return report
     finally:
         alice.stop()

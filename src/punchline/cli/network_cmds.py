@@ -236,6 +236,11 @@ def status(data: DataDir = None, as_json: Json = False) -> None:
     supernode = answer.get("supernode")
     where = f"via {supernode['node_id']} {supernode['address']}" if supernode else "offline"
     typer.echo(f"{answer['user']}: {where}")
+    relay = answer.get("relay")
+    if relay:
+        host, port = relay["relayed"]
+        typer.echo(f"  media relayed by {relay['node_id'][:16]} ({relay['transport']}) "
+                   f"at {host}:{port}")  # fmt: skip
     if answer.get("call"):
         typer.echo(f"  call with {answer['call']['peer']}: {answer['call']['state']}")
 
