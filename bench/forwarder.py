@@ -1,14 +1,17 @@
 """Relay data-plane throughput on loopback: ChannelData packets forwarded per CPU second.
 
-For each forwarder (the C one and the pure-Python one) this binds `--bindings` channels (one
-client socket and one relayed socket each, all to one peer socket that is never read: the
-kernel drops what does not fit) and measures two things, client to peer:
+For each forwarder (the C one in threaded and in pump mode, and the pure-Python one) this binds
+`--bindings` channels (one client socket and one relayed socket each, all to one peer socket
+that is never read: the kernel drops what does not fit) and measures two things, client to
+peer:
 
 - live: `--senders` processes blast ChannelData of `--size` bytes into the relay's listening
-  socket while this process runs the relay side as the server does, an asyncio reader calling
-  `pump_client()`. CPU time is this process's (user + system), so the senders do not count;
-  figures cover `--seconds` after a warm-up. A forwarder that keeps up wakes up for small
-  batches, so this includes the event loop's cost per wake-up.
+  socket while this process runs the relay side as the server does: in threaded mode the
+  forwarder's own thread reads the socket (the asyncio loop only watches its eventfd), in pump
+  mode an asyncio reader calls `pump_client()`. CPU time is this process's, all threads (user
+  + system), so the senders do not count; figures cover `--seconds` after a warm-up. A
+  forwarder that keeps up wakes up for small batches, so this includes the cost per wake-up
+  (the event loop's too in pump mode).
 - drain: this process queues a round of datagrams, then times only the pumps that empty the
   socket: the forwarder's own cost per packet, with full batches (on loopback the receive path
   is charged to the sender in both measurements; the relay's sends are charged to the relay).
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from punchline.relay._fastpath import Forwarder as NativeForwarder
-from punchline.relay.forwarder import Forwarder, PyForwarder
+from punchline.relay.forwarder import Forwarder, PyForwarder, ThreadedForwarder
 
 WARMUP_S = 0.5
 FIRST_CHANNEL = 0x4000
@@ -81,7 +84,7 @@ def _blast(flows: list[tuple[socket.socket, bytes]], target: tuple[str, int], un
                 sock.sendto(message, target)
 
 
-def _live(fwd: Forwarder, args: argparse.Namespace) -> dict[str, Any]:
+def _live(fwd: Forwarder, args: argparse.Namespace, threaded: bool = False) -> dict[str, Any]:
     with _setup(fwd, args) as setup:
         until = time.monotonic() + WARMUP_S + args.seconds + 0.5
         context = multiprocessing.get_context("fork")  # the senders inherit the client sockets
@@ -93,6 +96,9 @@ def _live(fwd: Forwarder, args: argparse.Namespace) -> dict[str, Any]:
         for sender in senders:
             sender.start()
         try:
+            if threaded:
+                assert isinstance(fwd, NativeForwarder)
+                return asyncio.run(_threaded_side(fwd, setup.listen.fileno(), args.seconds))
             return asyncio.run(_relay_side(fwd, setup.listen.fileno(), args.seconds))
         finally:
             for sender in senders:
@@ -124,6 +130,34 @@ async def _relay_side(fwd: Forwarder, fd: int, seconds: float) -> dict[str, Any]
         "packets_per_s": round(packets / (wall1 - wall0)),
         "cpu_share": round((cpu1 - cpu0) / (wall1 - wall0), 2),
         "packets_per_pump": round(packets / max(1, calls1 - calls0), 1),
+        "slow_packets": after["slow_packets"] - before["slow_packets"],
+        "send_errors": after["send_errors"] - before["send_errors"],
+    }
+
+
+async def _threaded_side(fwd: ThreadedForwarder, fd: int, seconds: float) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    notify = fwd.notify_fd()
+    loop.add_reader(notify, fwd.drain)
+    fwd.watch(fd, "client")
+    fwd.start()
+    try:
+        await asyncio.sleep(WARMUP_S)
+        before = fwd.counters()
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        await asyncio.sleep(seconds)
+        after = fwd.counters()
+        cpu1, wall1 = time.process_time(), time.monotonic()
+    finally:
+        fwd.stop()
+        fwd.unwatch(fd)
+        loop.remove_reader(notify)
+    packets = after["fast_to_peer_packets"] - before["fast_to_peer_packets"]
+    return {
+        "packets_per_cpu_s": round(packets / (cpu1 - cpu0)),
+        "packets_per_s": round(packets / (wall1 - wall0)),
+        "cpu_share": round((cpu1 - cpu0) / (wall1 - wall0), 2),
+        "packets_per_pump": "-",
         "slow_packets": after["slow_packets"] - before["slow_packets"],
         "send_errors": after["send_errors"] - before["send_errors"],
     }
@@ -166,9 +200,14 @@ def main() -> None:
         name: {"live": _live(make(), args), "drain": _drain(make(), args)}
         for name, make in makers.items()
     }
+    results["threaded"] = {"live": _live(NativeForwarder(), args, threaded=True), "drain": None}
     for mode in ("live", "drain"):
         native = results["native"][mode]["packets_per_cpu_s"]
         results[f"{mode}_speedup"] = round(native / results["python"][mode]["packets_per_cpu_s"], 1)
+    threaded = results["threaded"]["live"]["packets_per_cpu_s"]
+    results["threaded_speedup"] = round(
+        threaded / results["python"]["live"]["packets_per_cpu_s"], 1
+    )
     results["payload_bytes"] = args.size
     if args.json:
         print(json.dumps(results))
@@ -181,13 +220,16 @@ def main() -> None:
         ("live", "send_errors"),
         ("drain", "packets_per_cpu_s"),
     ]
-    print(f"{'':<24}  {'native':>10}  {'python':>10}")
+    print(f"{'':<24}  {'threaded':>10}  {'native':>10}  {'python':>10}")
     for mode, row in rows:
+        threaded_cell = results["threaded"][mode][row] if results["threaded"][mode] else "-"
         native, python = results["native"][mode][row], results["python"][mode][row]
-        print(f"{mode + ' ' + row:<24}  {native!s:>10}  {python!s:>10}")
+        print(f"{mode + ' ' + row:<24}  {threaded_cell!s:>10}  {native!s:>10}  {python!s:>10}")
     print(
-        f"native/python per CPU second: live {results['live_speedup']}x, "
-        f"drain {results['drain_speedup']}x ({args.size}-byte payloads)"
+        f"native/python per CPU second: live {results['live_speedup']}x (threaded "
+        f"{results['threaded_speedup']}x), drain {results['drain_speedup']}x "
+        f"({args.size}-byte payloads; threaded = the native forwarder's own thread, "
+        "native = its pumps)"
     )
 
 

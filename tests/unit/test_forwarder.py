@@ -1,17 +1,20 @@
 """The relay's data plane, C and pure Python alike, on real UDP sockets on loopback.
 
-Every test runs against both implementations: the C one must be built (tools/run builds it),
-and the Python one is the reference it must match.
+The pump-mode tests run against both implementations: the C one must be built (tools/run
+builds it), and the Python one is the reference it must match. The threaded-mode tests (the
+C forwarder's own reading thread) come last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import random
 import select
 import socket
 import struct
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -26,7 +29,9 @@ from punchline.relay.forwarder import (
     Datagram,
     Forwarder,
     PyForwarder,
+    SlowDatagram,
     make_forwarder,
+    threaded,
 )
 
 CHANNEL = 0x4000
@@ -364,6 +369,7 @@ def test_counters_and_send_errors(fwd: Forwarder, net: Relay) -> None:
         "fast_to_client_packets": 1,
         "fast_to_client_bytes": 3,
         "slow_packets": 1,
+        "slow_dropped": 0,
         "dropped_rate": 0,
         "send_errors": 1,
     }
@@ -512,3 +518,463 @@ def test_native_and_python_agree_on_random_datagrams() -> None:
     assert len(forwarded) + len(for_python) == len(datagrams)
     assert counters["slow_packets"] == len(for_python)
     assert 20 < len(forwarded) < 380  # both kinds are represented
+
+
+# --- threaded mode: the C forwarder's own thread reads the sockets, Python only drains
+
+
+@pytest.fixture
+def tfwd(net: Relay) -> Iterator[_fastpath.Forwarder]:
+    """A native forwarder for threaded mode, stopped before `net`'s sockets close."""
+    fwd = _fastpath.Forwarder()
+    yield fwd
+    fwd.stop()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def notified(fwd: _fastpath.Forwarder, timeout: float = QUIET) -> bool:
+    ready, _, _ = select.select([fwd.notify_fd()], [], [], timeout)
+    return bool(ready)
+
+
+def drain_until(fwd: _fastpath.Forwarder, want: int) -> list[SlowDatagram]:
+    """What drain() returns once notify_fd() said so, until `want` datagrams came."""
+    out: list[SlowDatagram] = []
+    deadline = time.monotonic() + 5.0
+    while len(out) < want:
+        assert time.monotonic() < deadline, out
+        if notified(fwd, 0.05):
+            out += fwd.drain()
+    return out
+
+
+def slow_seen(fwd: _fastpath.Forwarder) -> int:
+    counters = fwd.counters()
+    return counters["slow_packets"] + counters["slow_dropped"]
+
+
+def discard(sock: socket.socket, at_most: int = 1000) -> None:
+    """Reads away what waits in a socket (at most `at_most` datagrams)."""
+    with contextlib.suppress(OSError):
+        for _ in range(at_most):
+            sock.recv(65536, socket.MSG_DONTWAIT)
+
+
+def watch_both(fwd: _fastpath.Forwarder, net: Relay) -> None:
+    fwd.watch(net.listen.fileno(), "client")
+    fwd.watch(net.relay.fileno(), "relay")
+
+
+def test_threaded_forwarder_satisfies_the_protocol() -> None:
+    fwd = make_forwarder()
+    assert threaded(fwd) is fwd
+    assert threaded(make_forwarder(prefer_native=False)) is None
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_threaded_forwards_both_ways_with_no_pumping(host: str) -> None:
+    try:
+        net = make_relay(host)
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    fwd = _fastpath.Forwarder()
+    try:
+        net.bind(fwd, channel=0x4ABC)
+        watch_both(fwd, net)
+        fwd.start()
+        for i in range(100):
+            net.client.sendto(channel_data(0x4ABC, b"up %d" % i), addr(net.listen))
+            net.peer.sendto(b"down %d" % i, addr(net.relay))
+        assert recv_all(net.peer, 100) == [b"up %d" % i for i in range(100)]  # in order
+        assert recv_all(net.client, 100) == [
+            channel_data(0x4ABC, b"down %d" % i) for i in range(100)
+        ]
+        wait_until(lambda: fwd.counters()["fast_to_client_packets"] == 100)
+        counters = fwd.counters()
+        assert counters["fast_to_peer_packets"] == 100
+        assert counters["fast_to_peer_bytes"] == sum(len(b"up %d" % i) for i in range(100))
+        assert counters["slow_packets"] == 0
+        stats = fwd.stats(net.listen.fileno(), addr(net.client), 0x4ABC)
+        assert stats is not None
+        assert (stats["to_peer_packets"], stats["to_client_packets"]) == (100, 100)
+        assert not notified(fwd)
+        assert fwd.drain() == []
+    finally:
+        fwd.stop()
+        net.close()
+
+
+def test_threaded_slow_datagrams_come_through_drain(tfwd: _fastpath.Forwarder, net: Relay) -> None:
+    net.bind(tfwd)
+    watch_both(tfwd, net)
+    tfwd.start()
+    listen, relay = net.listen.fileno(), net.relay.fileno()
+    stranger = udp()
+    stranger_addr = addr(stranger)
+    try:
+        net.client.sendto(b"stun 1", addr(net.listen))
+        net.client.sendto(channel_data(CHANNEL + 1, b"unbound"), addr(net.listen))
+        stranger.sendto(channel_data(CHANNEL, b"other client"), addr(net.listen))
+        first = drain_until(tfwd, 3)
+        stranger.sendto(b"permission only", addr(net.relay))
+        second = drain_until(tfwd, 1)
+    finally:
+        stranger.close()
+    assert first == [
+        ("client", listen, b"stun 1", addr(net.client)),
+        ("client", listen, channel_data(CHANNEL + 1, b"unbound"), addr(net.client)),
+        ("client", listen, channel_data(CHANNEL, b"other client"), stranger_addr),
+    ]
+    assert second == [("relay", relay, b"permission only", stranger_addr)]
+    assert not notified(tfwd)  # drained: the eventfd is clear
+    assert tfwd.drain() == []
+    assert tfwd.counters()["slow_packets"] == 4
+    assert_quiet(net.peer)
+
+
+def test_drain_budget_leaves_the_rest_signalled(tfwd: _fastpath.Forwarder, net: Relay) -> None:
+    assert tfwd.drain() == []  # before anything is watched
+    tfwd.watch(net.listen.fileno(), "client")
+    tfwd.start()
+    for i in range(10):
+        net.client.sendto(b"stun %d" % i, addr(net.listen))
+    wait_until(lambda: slow_seen(tfwd) == 10)
+    first = tfwd.drain(3)
+    assert len(first) == 3
+    assert notified(tfwd)  # seven more are waiting
+    rest = tfwd.drain()
+    assert [data for _, _, data, _ in first + rest] == [b"stun %d" % i for i in range(10)]
+    assert not notified(tfwd)
+    net.client.sendto(b"again", addr(net.listen))
+    assert notified(tfwd, 5.0)  # the next datagram signals anew
+    assert tfwd.drain() == [("client", net.listen.fileno(), b"again", addr(net.client))]
+
+
+def test_stop_and_start(tfwd: _fastpath.Forwarder, net: Relay) -> None:
+    net.bind(tfwd)
+    watch_both(tfwd, net)
+    tfwd.stop()  # not started: nothing to do
+    tfwd.start()
+    tfwd.start()  # running already: nothing to do
+    net.client.sendto(channel_data(CHANNEL, b"one"), addr(net.listen))
+    assert net.peer.recv(100) == b"one"
+    tfwd.stop()
+    tfwd.stop()
+    net.client.sendto(channel_data(CHANNEL, b"while stopped"), addr(net.listen))
+    net.client.sendto(b"stun while stopped", addr(net.listen))
+    assert_quiet(net.peer)
+    assert not notified(tfwd)
+    tfwd.start()  # what waited in the socket goes now
+    assert net.peer.recv(100) == b"while stopped"
+    assert [data for _, _, data, _ in drain_until(tfwd, 1)] == [b"stun while stopped"]
+    tfwd.stop()
+    net.client.sendto(channel_data(CHANNEL, b"pumped"), addr(net.listen))
+    assert pump(tfwd.pump_client, net.listen, 0) == []  # pump mode works on a stopped one
+    assert net.peer.recv(100) == b"pumped"
+    assert tfwd.counters()["fast_to_peer_packets"] == 3
+
+
+def test_rate_limit_in_threaded_mode(tfwd: _fastpath.Forwarder, net: Relay) -> None:
+    net.bind(tfwd, rate=1000)  # bytes/s, burst 1000 bytes
+    watch_both(tfwd, net)
+    tfwd.start()
+    for _ in range(30):
+        net.client.sendto(channel_data(CHANNEL, bytes(100)), addr(net.listen))
+    wait_until(
+        lambda: sum(tfwd.counters()[k] for k in ("fast_to_peer_packets", "dropped_rate")) == 30
+    )
+    forwarded = tfwd.counters()["fast_to_peer_packets"]
+    assert 10 <= forwarded <= 12
+    assert len(recv_all(net.peer, forwarded)) == forwarded
+
+
+def test_queue_overflow_is_dropped_and_counted(tfwd: _fastpath.Forwarder, net: Relay) -> None:
+    tfwd.watch(net.listen.fileno(), "client")
+    tfwd.start()
+    sent = 4096 + 300
+    for i in range(sent):
+        net.client.sendto(b"stun %d" % i, addr(net.listen))
+        if i % 200 == 199:  # let the thread keep up, so that the kernel drops nothing
+            wait_until(lambda n=i + 1: slow_seen(tfwd) == n)  # type: ignore[misc]
+    wait_until(lambda: slow_seen(tfwd) == sent)
+    counters = tfwd.counters()
+    assert (counters["slow_packets"], counters["slow_dropped"]) == (4096, 300)
+    drained = tfwd.drain(1_000_000)
+    assert [data for _, _, data, _ in drained] == [b"stun %d" % i for i in range(4096)]  # oldest
+    assert not notified(tfwd)
+    net.client.sendto(b"room again", addr(net.listen))
+    assert [data for _, _, data, _ in drain_until(tfwd, 1)] == [b"room again"]
+
+
+def test_queue_byte_cap_and_wrap_around(tfwd: _fastpath.Forwarder, net: Relay) -> None:
+    """4 MiB of datagrams at most; big ones of random sizes with partial drains in between
+    walk the byte ring round several times and come out whole and in order."""
+    tfwd.watch(net.listen.fileno(), "client")
+    tfwd.start()
+
+    def datagram(i: int, size: int) -> bytes:
+        return struct.pack("!I", i) + bytes([i % 251]) * size
+
+    for i in range(100):  # nothing drained: about 4 MiB / 60 kB of them fit
+        net.client.sendto(datagram(i, 60_000), addr(net.listen))
+        wait_until(lambda n=i + 1: slow_seen(tfwd) == n)  # type: ignore[misc]
+    kept = tfwd.counters()["slow_packets"]
+    assert 60 <= kept <= 70
+    assert tfwd.counters()["slow_dropped"] == 100 - kept
+    assert tfwd.drain() == [
+        ("client", net.listen.fileno(), datagram(i, 60_000), addr(net.client)) for i in range(kept)
+    ]
+    rng = random.Random(5766)
+    sent: list[bytes] = []
+    received: list[bytes] = []
+    for i in range(400):
+        sent.append(datagram(i, rng.choice([0, 10, 1000, 30_000, 65_000])))
+        before = slow_seen(tfwd)
+        net.client.sendto(sent[-1], addr(net.listen))
+        wait_until(lambda n=before + 1: slow_seen(tfwd) == n)  # type: ignore[misc]
+        if rng.random() < 0.3:
+            received += [data for _, _, data, _ in tfwd.drain(rng.randint(1, 8))]
+    received += [data for _, _, data, _ in tfwd.drain(100_000)]
+    dropped = tfwd.counters()["slow_dropped"] - (100 - kept)
+    assert len(received) == len(sent) - dropped
+    assert dropped < len(sent) // 2
+    indices = [struct.unpack("!I", data[:4])[0] for data in received]
+    assert indices == sorted(indices)  # in order, with gaps only where the ring was full
+    assert received == [sent[i] for i in indices]  # intact
+
+
+def test_unwatch_forgets_the_fd_and_its_queued_datagrams(
+    tfwd: _fastpath.Forwarder, net: Relay
+) -> None:
+    watch_both(tfwd, net)
+    tfwd.start()
+    net.peer.sendto(b"queued", addr(net.relay))
+    wait_until(lambda: slow_seen(tfwd) == 1)
+    tfwd.unwatch(net.relay.fileno())
+    tfwd.unwatch(net.relay.fileno())  # not watched: no error
+    tfwd.unwatch(10_000)
+    assert tfwd.drain() == []  # the fd may name another socket soon: its datagram is gone
+    assert not notified(tfwd)
+    net.peer.sendto(b"unread", addr(net.relay))
+    time.sleep(QUIET)
+    assert net.relay.recv(100) == b"unread"  # the thread left it alone
+    assert tfwd.counters()["slow_packets"] == 1
+    tfwd.watch(net.relay.fileno(), "relay")  # and it can come back
+    net.peer.sendto(b"watched again", addr(net.relay))
+    assert drain_until(tfwd, 1) == [("relay", net.relay.fileno(), b"watched again", addr(net.peer))]
+
+
+def test_unwatch_then_close_is_safe_under_traffic(tfwd: _fastpath.Forwarder, net: Relay) -> None:
+    """Relayed sockets come and go (their fd numbers reused at once) while a sender blasts
+    them: once unwatch() returned the thread never reads the fd again, nothing queued from it
+    comes out of drain(), and the forwarder keeps working."""
+    net.bind(tfwd)
+    watch_both(tfwd, net)
+    tfwd.start()
+    targets: list[tuple[str, int]] = []
+    stop = threading.Event()
+
+    def blast() -> None:
+        stranger = udp(blocking=False)
+        peer = udp(blocking=False)
+        try:
+            while not stop.is_set():
+                for target in list(targets):
+                    with contextlib.suppress(OSError):
+                        stranger.sendto(b"slow", target)  # no binding: for Python
+                        peer.sendto(b"fast", target)  # bound below: forwarded to the client
+        finally:
+            stranger.close()
+            peer.close()
+
+    blaster = threading.Thread(target=blast)
+    blaster.start()
+    peer_addr = ("127.0.0.1", 0)
+    marker = udp()
+    try:
+        for round_ in range(300):
+            sock = udp(blocking=False)
+            fd = sock.fileno()
+            tfwd.bind(net.listen.fileno(), addr(net.client), 0x4100 + round_ % 64, fd, peer_addr)
+            tfwd.watch(fd, "relay")
+            targets.append(addr(sock))
+            time.sleep(0.0005 * (round_ % 4))
+            tfwd.unwatch(fd)
+            tfwd.unbind_relay(fd)
+            marker.sendto(b"marker", addr(sock))  # after unwatch: must stay in the socket
+            seen = []
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    seen.append(sock.recv(100))
+            assert b"marker" in seen
+            targets.remove(addr(sock))
+            sock.close()
+            assert all(drained_fd != fd for _, drained_fd, _, _ in tfwd.drain())
+    finally:
+        stop.set()
+        blaster.join()
+        marker.close()
+    assert tfwd.counters()["slow_packets"] > 0
+    net.client.sendto(channel_data(CHANNEL, b"still alive"), addr(net.listen))
+    assert net.peer.recv(100) == b"still alive"
+
+
+def test_bind_and_unbind_while_traffic_flows(tfwd: _fastpath.Forwarder, net: Relay) -> None:
+    """A thread hammers the tables (bind, rebind, unbind, unbind_relay, stats) while datagrams
+    flow both ways and the counters are read: nothing breaks and the counters only grow."""
+    peers = [udp(blocking=False) for _ in range(4)]
+    channels = [CHANNEL + i for i in range(8)]
+    watch_both(tfwd, net)
+    tfwd.start()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def traffic() -> None:
+        while not stop.is_set():
+            for channel in channels:
+                with contextlib.suppress(OSError):
+                    net.client.sendto(channel_data(channel, b"up"), addr(net.listen))
+            for peer in peers:
+                with contextlib.suppress(OSError):
+                    peer.sendto(b"down", addr(net.relay))
+            for peer in peers:  # keep the peers' buffers from filling
+                discard(peer)
+            time.sleep(0.0002)
+
+    def hammer() -> None:
+        rng = random.Random(8656)
+        try:
+            while not stop.is_set():
+                channel, peer = rng.choice(channels), rng.choice(peers)
+                action = rng.random()
+                if action < 0.6:
+                    tfwd.bind(
+                        net.listen.fileno(),
+                        addr(net.client),
+                        channel,
+                        net.relay.fileno(),
+                        addr(peer),
+                        rng.choice([0, 0, 10_000]),
+                    )
+                elif action < 0.9:
+                    tfwd.unbind(net.listen.fileno(), addr(net.client), channel)
+                elif action < 0.95:
+                    tfwd.unbind_relay(net.relay.fileno())
+                else:
+                    tfwd.stats(net.listen.fileno(), addr(net.client), channel)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=traffic), threading.Thread(target=hammer)]
+    for thread in threads:
+        thread.start()
+    try:
+        previous = tfwd.counters()
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            counters = tfwd.counters()
+            assert all(counters[name] >= previous[name] for name in COUNTER_NAMES)
+            previous = counters
+            tfwd.drain()
+            discard(net.client)
+            time.sleep(0.001)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not errors
+    counters = tfwd.counters()
+    assert counters["fast_to_peer_packets"] > 0
+    assert counters["fast_to_client_packets"] > 0
+    assert counters["slow_packets"] > 0
+    # settled: one fresh binding forwards both ways
+    tfwd.unbind_relay(net.relay.fileno())
+    net.bind(tfwd)
+    discard(net.peer)
+    net.client.sendto(channel_data(CHANNEL, b"settled"), addr(net.listen))
+    assert net.peer.recv(100) == b"settled"
+    for peer in peers:
+        peer.close()
+
+
+def test_watch_invalid_arguments(tfwd: _fastpath.Forwarder, net: Relay) -> None:
+    listen = net.listen.fileno()
+    with pytest.raises(ValueError, match="kind"):
+        tfwd.watch(listen, "peer")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="kind"):
+        tfwd.watch(listen, 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fd"):
+        tfwd.watch(-1, "client")
+    with pytest.raises(TypeError):
+        tfwd.unwatch("3")  # type: ignore[arg-type]
+    read_end, write_end = os.pipe()
+    tcp = socket.socket()
+    try:
+        with pytest.raises(ValueError, match="not a socket"):
+            tfwd.watch(read_end, "client")
+        with pytest.raises(ValueError, match="not a UDP socket"):
+            tfwd.watch(tcp.fileno(), "relay")
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        tcp.close()
+    with pytest.raises(ValueError, match="budget"):
+        tfwd.drain(0)
+    tfwd.watch(listen, "client")
+    tfwd.watch(listen, "relay")  # watched again: the kind changes
+    tfwd.start()
+    net.client.sendto(b"as relay", addr(net.listen))
+    assert drain_until(tfwd, 1) == [("relay", listen, b"as relay", addr(net.client))]
+
+
+def test_a_running_forwarder_can_just_be_dropped(net: Relay) -> None:
+    fwd = _fastpath.Forwarder()
+    net.bind(fwd)
+    watch_both(fwd, net)
+    fwd.start()
+    net.client.sendto(channel_data(CHANNEL, b"last"), addr(net.listen))
+    net.client.sendto(b"stun", addr(net.listen))
+    assert net.peer.recv(100) == b"last"
+    del fwd  # deallocation stops and joins the thread
+    gc.collect()
+    net.client.sendto(channel_data(CHANNEL, b"nobody reads"), addr(net.listen))
+    assert_quiet(net.peer)
+
+
+def test_threaded_mode_does_not_leak(net: Relay) -> None:
+    """The thread's buffers, the queue and its datagrams come back (all PyMem, traced)."""
+
+    def workout() -> None:
+        fwd = _fastpath.Forwarder()
+        net.bind(fwd)
+        watch_both(fwd, net)
+        fwd.start()
+        for _ in range(50):
+            net.client.sendto(b"stun", addr(net.listen))
+            net.client.sendto(channel_data(CHANNEL, b"fast"), addr(net.listen))
+            net.peer.sendto(b"back", addr(net.relay))
+        assert len(drain_until(fwd, 50)) == 50
+        assert len(recv_all(net.peer, 50)) == len(recv_all(net.client, 50)) == 50
+        net.client.sendto(b"left queued", addr(net.listen))
+        wait_until(lambda: fwd.counters()["slow_packets"] == 51)
+        fwd.stop()
+        fwd.start()  # and dropped while running
+
+    workout()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(5):
+            workout()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 20_000

@@ -9,14 +9,28 @@ its permission is alive, the control plane calls `bind()`, and from then on
 - datagrams from that peer on the relayed socket go to the client from the listening socket,
   with the ChannelData header in front.
 
-Everything else (STUN, unbound channels, peers with only a permission, garbage) comes back from
-`pump_client()`/`pump_relay()` as `(data, (host, port))` for the control plane, in arrival
-order. The pumps are meant for `loop.add_reader` callbacks on the sockets, which stay owned by
-Python: call `unbind_relay()` before closing a relayed socket and `unbind()` as channels expire.
+Everything else (STUN, unbound channels, peers with only a permission, garbage) goes to the
+control plane, in arrival order. Two ways to drive a forwarder:
+
+- Pump mode (`Forwarder`, both implementations): `pump_client()`/`pump_relay()` read one
+  socket and return what is for Python as `(data, (host, port))`. They are meant for
+  `loop.add_reader` callbacks on the sockets.
+- Threaded mode (`ThreadedForwarder`, the C one only): `watch()` each socket and `start()` a
+  thread of the forwarder's own that reads them all (epoll, recvmmsg, sendmmsg) without the
+  GIL, so forwarded packets cost Python nothing at all, not even a wake-up. What is for Python
+  waits in a bounded queue (4096 datagrams or 4 MiB; beyond that it is dropped and counted in
+  `slow_dropped`) that `drain()` empties as `(kind, fd, data, (host, port))`, kind "client"
+  or "relay" as the socket was watched; `notify_fd()` is an eventfd for `loop.add_reader`,
+  readable while the queue is not empty. Every method may be called while the thread runs.
+
+The sockets stay owned by Python: call `unbind_relay()` (and in threaded mode `unwatch()`,
+after which the thread no longer touches the fd and `drain()` returns nothing more from it)
+before closing a relayed socket, and `unbind()` as channels expire.
 
 Two implementations with one behaviour: `punchline.relay._fastpath.Forwarder` in C (batches of
 datagrams through recvmmsg/sendmmsg, no Python object per forwarded packet) and `PyForwarder`
-here, the fallback and the reference the tests hold the C to. `make_forwarder()` picks one.
+here, the fallback and the reference the tests hold the C to. `make_forwarder()` picks one;
+`threaded()` tells whether it has the threaded mode.
 
 Counting: byte counts and the rate limit cover application data, not the ChannelData header. A
 rate limit is a token bucket per direction refilling at `rate_bytes_per_s` with a one-second
@@ -49,6 +63,7 @@ COUNTER_NAMES = (
     "fast_to_client_packets",
     "fast_to_client_bytes",
     "slow_packets",
+    "slow_dropped",  # threaded mode: datagrams for Python dropped because the queue was full
     "dropped_rate",
     "send_errors",
 )
@@ -88,6 +103,37 @@ class Forwarder(Protocol):
     ) -> dict[str, int] | None: ...
 
     def counters(self) -> dict[str, int]: ...
+
+
+Kind: TypeAlias = Literal["client", "relay"]
+# What drain() returns: (the kind the socket was watched as, its fd, the datagram, the sender).
+SlowDatagram: TypeAlias = tuple[str, int, bytes, Address]
+DEFAULT_DRAIN = 1024
+
+
+class ThreadedForwarder(Forwarder, Protocol):
+    """A forwarder with a reading thread of its own (the C one)."""
+
+    def watch(self, fd: int, kind: Kind) -> None: ...
+
+    def unwatch(self, fd: int) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def notify_fd(self) -> int: ...
+
+    def drain(self, budget: int = DEFAULT_DRAIN) -> list[SlowDatagram]: ...
+
+
+def threaded(forwarder: Forwarder) -> ThreadedForwarder | None:
+    """The forwarder as a ThreadedForwarder when it has the threaded mode, else None."""
+    try:
+        from punchline.relay import _fastpath
+    except ImportError:
+        return None
+    return forwarder if isinstance(forwarder, _fastpath.Forwarder) else None
 
 
 def make_forwarder(prefer_native: bool = True) -> Forwarder:

@@ -3,10 +3,14 @@
 The protocol is all in `relay.allocation.RelayCore`; this adapter owns the sockets. UDP client
 sockets and relayed sockets are read through the forwarder (`relay.forwarder`): datagrams of
 established channels are forwarded there without becoming Python objects, everything else
-comes back here for the core. TCP ports speak plain TURN-over-TCP and TURN-over-TLS on the same
-port, told apart by the first byte of the connection (0x16 starts a TLS handshake, STUN starts
-with 0x00-0x03), which is what lets one port 443 serve TLS clients, clients tunnelling through an
-HTTP CONNECT proxy, and plain TCP clients at once.
+comes back here for the core. With the C forwarder a thread of its own reads every UDP socket
+(threaded mode: the event loop only hears of what the core must see, through the forwarder's
+eventfd); with the Python one (`--python-forwarder`) the loop pumps each readable socket.
+
+TCP ports speak plain TURN-over-TCP and TURN-over-TLS on the same port, told apart by the first
+byte of the connection (0x16 starts a TLS handshake, STUN starts with 0x00-0x03), which is what
+lets one port 443 serve TLS clients, clients tunnelling through an HTTP CONNECT proxy, and plain
+TCP clients at once.
 """
 
 from __future__ import annotations
@@ -45,7 +49,13 @@ from punchline.relay.allocation import (
     ToClient,
     ToPeer,
 )
-from punchline.relay.forwarder import Forwarder, PyForwarder, make_forwarder
+from punchline.relay.forwarder import (
+    Forwarder,
+    PyForwarder,
+    ThreadedForwarder,
+    make_forwarder,
+    threaded,
+)
 from punchline.runtime.driver import Driver
 from punchline.util.files import atomic_write, private_dir
 from punchline.wire import channel_data, stun
@@ -143,6 +153,11 @@ class RelayServer:
         self.core = RelayCore(config.core, "", time.time())  # no credentials work yet
         self.forwarder: Forwarder = make_forwarder(config.native_forwarder)
         self.native = not isinstance(self.forwarder, PyForwarder)
+        # Threaded mode (the C forwarder): its thread reads the UDP sockets, these name them.
+        self.threaded: ThreadedForwarder | None = threaded(self.forwarder)
+        self._conn_by_fd: dict[int, str] = {}
+        self._allocation_by_fd: dict[int, int] = {}
+        self._notify_fd: int | None = None
         self.udp: dict[str, socket.socket] = {}
         self.streams: dict[str, _Stream] = {}
         self.relays: dict[int, socket.socket] = {}
@@ -170,8 +185,16 @@ class RelayServer:
         self._driver = Driver(self.core, self._flush)
         udp = _udp_socket(self.config.listen_host, self.config.listen_port)
         port = udp.getsockname()[1]
-        self.udp[f"udp:{port}"] = udp
-        loop.add_reader(udp.fileno(), self._client_readable, f"udp:{port}", udp)
+        conn = f"udp:{port}"
+        self.udp[conn] = udp
+        if self.threaded is not None:
+            self._conn_by_fd[udp.fileno()] = conn
+            self.threaded.watch(udp.fileno(), "client")
+            self._notify_fd = self.threaded.notify_fd()
+            loop.add_reader(self._notify_fd, self._drain)
+            self.threaded.start()
+        else:
+            loop.add_reader(udp.fileno(), self._client_readable, conn, udp)
         for tcp_port in (port, *self.config.tcp_ports):
             family = socket.AF_INET6 if ":" in self.config.listen_host else socket.AF_INET
             listener = socket.socket(family, socket.SOCK_STREAM)
@@ -185,9 +208,10 @@ class RelayServer:
         port = self.udp_port
         return [
             NodeAddress("turn-udp", self.host, port),
+            # TCP on 443/80 first: where a firewall lets only web ports out, those pass
+            *(NodeAddress("turn-tcp", self.host, p) for p in self.tls_ports),
             NodeAddress("turn-tcp", self.host, port),
             *(NodeAddress("turn-tls", self.host, p) for p in self.tls_ports),
-            *(NodeAddress("turn-tcp", self.host, p) for p in self.tls_ports),
         ]
 
     @property
@@ -275,6 +299,28 @@ class RelayServer:
             self.core.receive_from_peer(allocation, data, addr, now)
         self.poke()
 
+    def _drain(self) -> None:
+        """Threaded mode: what the forwarder's thread did not forward, for the core."""
+        assert self.threaded is not None
+        batch = self.threaded.drain()
+        if not batch:
+            return
+        now = time.time()
+        from_clients = 0
+        for kind, fd, data, addr in batch:
+            if kind == "client":
+                conn = self._conn_by_fd.get(fd)
+                if conn is not None:
+                    from_clients += 1
+                    self.core.receive_from_client(data, (conn, addr), now)
+            else:
+                allocation = self._allocation_by_fd.get(fd)
+                if allocation is not None:
+                    self.core.receive_from_peer(allocation, data, addr, now)
+        if from_clients:
+            self.count("udp", "messages_in", from_clients)
+        self.poke()
+
     def poke(self) -> None:
         if self._driver is not None:
             self._driver.poke()
@@ -336,8 +382,12 @@ class RelayServer:
             self.core.relay_failed(action.allocation, now)
             return
         self.relays[action.allocation] = sock
-        loop = asyncio.get_running_loop()
-        loop.add_reader(sock.fileno(), self._relay_readable, action.allocation, sock)
+        if self.threaded is not None:
+            self._allocation_by_fd[sock.fileno()] = action.allocation
+            self.threaded.watch(sock.fileno(), "relay")
+        else:
+            loop = asyncio.get_running_loop()
+            loop.add_reader(sock.fileno(), self._relay_readable, action.allocation, sock)
         port = int(sock.getsockname()[1])
         self.core.relay_opened(action.allocation, (self.host, port), now)
 
@@ -372,9 +422,14 @@ class RelayServer:
         sock = self.relays.pop(allocation, None)
         if sock is None:
             return
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(sock.fileno())
-        self.forwarder.unbind_relay(sock.fileno())
+        fd = sock.fileno()
+        if self.threaded is not None:
+            self.threaded.unwatch(fd)  # from here on the thread leaves the fd alone
+            self._allocation_by_fd.pop(fd, None)
+        else:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(fd)
+        self.forwarder.unbind_relay(fd)  # and sends nothing more through it
         sock.close()
 
     # ----------------------------------------------------------------- streams
@@ -477,11 +532,21 @@ class RelayServer:
         for task in list(self._tasks):
             task.cancel()
         loop = asyncio.get_running_loop()
+        if self.threaded is not None:
+            self.threaded.stop()
+            if self._notify_fd is not None:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(self._notify_fd)
+                self._notify_fd = None
         for allocation in list(self.relays):
             self._close_relay(allocation)
         for sock in self.udp.values():
-            with contextlib.suppress(Exception):
-                loop.remove_reader(sock.fileno())
+            if self.threaded is not None:
+                self.threaded.unwatch(sock.fileno())
+                self._conn_by_fd.pop(sock.fileno(), None)
+            else:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(sock.fileno())
             sock.close()
         for sock in [*self._listeners, *self._held.values()]:
             sock.close()
