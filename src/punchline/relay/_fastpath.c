@@ -1460,7 +1460,7 @@ Forwarder_notify_fd(Forwarder *self, PyObject *Py_UNUSED(ignored))
 }
 
 typedef struct {
-    PyObject *data;
+    size_t offset, len; /* in the copy */
     int kind, fd;
     sockaddr_any addr;
 } drained;
@@ -1478,27 +1478,41 @@ Forwarder_drain(Forwarder *self, PyObject *args, PyObject *kwds)
     if (!self->threaded_ready) {
         return PyList_New(0);
     }
-    size_t cap = budget < SLOW_ENTRIES ? (size_t)budget : SLOW_ENTRIES, k = 0;
+    size_t cap = budget < SLOW_ENTRIES ? (size_t)budget : SLOW_ENTRIES;
     drained *items = PyMem_Malloc(cap * sizeof *items);
     if (!items) {
         return PyErr_NoMemory();
     }
-    /* Under the lock only bytes objects are made: they are not tracked by the garbage
-     * collector, so no Python code can run while we hold it. */
+    /* Under the lock the datagrams are only copied out (PyMem never runs Python code; making
+     * objects could, through the garbage collector, and that code could want the lock). */
     lock(self);
     slow_queue *q = &self->slow;
-    while (k < cap && q->count) {
+    size_t k = 0, total = 0, taken = 0;
+    for (; taken < q->count && k < cap; taken++) {
+        const slow_entry *e = &q->entries[(q->head + taken) % SLOW_ENTRIES];
+        if (e->fd >= 0) {
+            total += e->len;
+            k++;
+        }
+    }
+    uint8_t *copy = PyMem_Malloc(total ? total : 1);
+    if (!copy) {
+        unlock(self);
+        PyMem_Free(items);
+        return PyErr_NoMemory();
+    }
+    size_t at = 0;
+    k = 0;
+    for (; taken > 0; taken--) {
         const slow_entry *e = &q->entries[q->head];
         if (e->fd >= 0) {
-            PyObject *data = PyBytes_FromStringAndSize((const char *)slow_data(q, e),
-                                                       (Py_ssize_t)e->len);
-            if (!data) {
-                break; /* MemoryError: this one stays queued */
-            }
-            items[k].data = data;
+            memcpy(copy + at, slow_data(q, e), e->len);
+            items[k].offset = at;
+            items[k].len = e->len;
             items[k].kind = e->kind;
             items[k].fd = e->fd;
             items[k].addr = e->addr;
+            at += e->len;
             k++;
         }
         slow_pop(q);
@@ -1514,29 +1528,25 @@ Forwarder_drain(Forwarder *self, PyObject *args, PyObject *kwds)
     }
     unlock(self);
 
-    if (k > 0) {
-        PyErr_Clear(); /* a MemoryError after some: return those, the rest stays queued */
-    }
-    PyObject *result = PyErr_Occurred() ? NULL : PyList_New((Py_ssize_t)k);
-    for (size_t i = 0; i < k; i++) {
-        PyObject *data = items[i].data;
-        if (!result) {
-            Py_DECREF(data);
-            continue;
-        }
+    PyObject *result = PyList_New((Py_ssize_t)k);
+    for (size_t i = 0; result && i < k; i++) {
         PyObject *fd = PyLong_FromLong(items[i].fd);
-        PyObject *addr = fd ? addr_tuple(&items[i].addr) : NULL;
+        PyObject *data = fd ? PyBytes_FromStringAndSize((const char *)copy + items[i].offset,
+                                                        (Py_ssize_t)items[i].len)
+                            : NULL;
+        PyObject *addr = data ? addr_tuple(&items[i].addr) : NULL;
         PyObject *item = addr ? PyTuple_Pack(4, kind_names[items[i].kind], fd, data, addr)
                               : NULL;
         Py_XDECREF(fd);
+        Py_XDECREF(data);
         Py_XDECREF(addr);
-        Py_DECREF(data);
         if (!item) {
             Py_CLEAR(result);
-            continue;
+            break;
         }
         PyList_SET_ITEM(result, (Py_ssize_t)i, item);
     }
+    PyMem_Free(copy);
     PyMem_Free(items);
     return result;
 }
