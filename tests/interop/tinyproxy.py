@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import unavailable
-from tests.interop.coturn import free_port
+from tests.interop.coturn import free_port, terminate
 
 PROXY_USER, PROXY_PASSWORD = "proxyuser", "proxy-pass"
 
@@ -61,9 +61,4 @@ def tinyproxy(tmp_path: Path, connect_port: int) -> Iterator[int]:
                 time.sleep(0.05)
         yield port
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)

@@ -8,10 +8,12 @@ list refreshed with every heartbeat — are the same for every role.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import ssl
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -99,3 +101,24 @@ async def heartbeats(
         except Exception as exc:  # the login server may be away
             log.warning("heartbeat failed", error=str(exc))
         await asyncio.sleep(interval)
+
+
+class NodeServer(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def run_until_signalled(server: NodeServer, farewell: Callable[[], None]) -> None:
+    """Start `server`, serve until SIGINT or SIGTERM, then say goodbye and stop cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        farewell()
+        with contextlib.suppress(Exception):
+            await server.stop()

@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import socket
 import ssl
 import time
@@ -562,14 +561,6 @@ class RelayServer:
 
 async def run(config: RelayServerConfig) -> None:
     server = RelayServer(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    try:
-        await stop.wait()
-    finally:
-        log.info("relay stopping", **server.stats()["relayed"])
-        with contextlib.suppress(Exception):
-            await server.stop()
+    await lifecycle.run_until_signalled(
+        server, lambda: log.info("relay stopping", **server.stats()["relayed"])
+    )

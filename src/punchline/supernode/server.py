@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import signal
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -267,15 +265,6 @@ class SupernodeServer:
 
 
 async def run(config: SupernodeConfig) -> None:
-    server = SupernodeServer(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    try:
-        await stop.wait()
-    finally:
-        log.info("supernode stopping")
-        with contextlib.suppress(Exception):
-            await server.stop()
+    await lifecycle.run_until_signalled(
+        SupernodeServer(config), lambda: log.info("supernode stopping")
+    )
