@@ -56,6 +56,7 @@ from punchline.relay.forwarder import (
     threaded,
 )
 from punchline.runtime.driver import Driver
+from punchline.util import sockets
 from punchline.util.files import atomic_write, private_dir
 from punchline.wire import channel_data, stun
 
@@ -89,14 +90,19 @@ class RelayServerConfig:
     core: RelayConfig = field(default_factory=RelayConfig)
 
 
+def _tune_udp(sock: socket.socket) -> None:
+    """Big buffers (bursts of many flows land between two reads), non-blocking."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    sock.setblocking(False)
+
+
 def _udp_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        _tune_udp(sock)
         sock.bind((host, port))
-        sock.setblocking(False)
     except OSError:
         sock.close()
         raise
@@ -182,7 +188,9 @@ class RelayServer:
         """Bind every socket (ports known from here on), before the node is enrolled."""
         loop = asyncio.get_running_loop()
         self._driver = Driver(self.core, self._flush)
-        udp = _udp_socket(self.config.listen_host, self.config.listen_port)
+        udp, tcp = sockets.udp_and_tcp(self.config.listen_host, self.config.listen_port)
+        _tune_udp(udp)
+        self._listeners.append(tcp)
         port = udp.getsockname()[1]
         conn = f"udp:{port}"
         self.udp[conn] = udp
@@ -194,14 +202,8 @@ class RelayServer:
             self.threaded.start()
         else:
             loop.add_reader(udp.fileno(), self._client_readable, conn, udp)
-        for tcp_port in (port, *self.config.tcp_ports):
-            family = socket.AF_INET6 if ":" in self.config.listen_host else socket.AF_INET
-            listener = socket.socket(family, socket.SOCK_STREAM)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self.config.listen_host, tcp_port))
-            listener.listen(512)
-            listener.setblocking(False)
-            self._listeners.append(listener)
+        for tcp_port in self.config.tcp_ports:
+            self._listeners.append(sockets.tcp_listener(self.config.listen_host, tcp_port))
 
     def addresses(self) -> list[NodeAddress]:
         port = self.udp_port

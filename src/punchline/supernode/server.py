@@ -23,6 +23,7 @@ from punchline.relay.server import RelayServer, RelayServerConfig
 from punchline.runtime.driver import Driver
 from punchline.session.outbound import Identity
 from punchline.supernode.core import CoreConfig, Lookup, Publish, Route, SupernodeCore
+from punchline.util import sockets
 from punchline.util.files import atomic_write, private_dir
 from punchline.wire import session as wire
 
@@ -92,9 +93,8 @@ class SupernodeServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         private_dir(self.config.data_dir)
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Udp(self), local_addr=(self.config.listen_host, self.config.listen_port)
-        )
+        udp_sock, tcp_sock = sockets.udp_and_tcp(self.config.listen_host, self.config.listen_port)
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp_sock)
         self._udp = transport
         udp_port = int(transport.get_extra_info("sockname")[1])
         dht = DhtIndex(
@@ -122,9 +122,7 @@ class SupernodeServer:
         node_id = keys.key_id(identity.key.public_key())
         self.core = SupernodeCore(identity, node_id, time.time(), self.config.core, self._stun())
         self.driver = Driver(self.core, self._flush)
-        self._servers.append(
-            await asyncio.start_server(self._tcp_client, self.config.listen_host, udp_port)
-        )
+        self._servers.append(await asyncio.start_server(self._tcp_client, sock=tcp_sock))
         tls = lifecycle.tls_context(self.store)
         for port in self.config.tcp_ports:
             self._servers.append(
