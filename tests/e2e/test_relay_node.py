@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,3 +118,40 @@ def test_a_supernode_can_also_be_the_relay(network: Network) -> None:
         return relayed
 
     assert asyncio.run(use())[1] > 0
+
+
+def test_the_python_forwarder_relays_the_same_way(network: Network) -> None:
+    """`--python-forwarder`: the event loop pumps the sockets instead of the C thread."""
+    import socket
+
+    relay = network.start_relay("--python-forwarder")
+    creds = credentials.issue(_secret(network), "frank", time.time())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind(("127.0.0.1", 0))
+        peer.settimeout(5)
+
+        async def exchange() -> tuple[bytes, list[bytes]]:
+            got: asyncio.Queue[bytes] = asyncio.Queue()
+            conn = await open_turn(RelayServer("udp", "127.0.0.1", relay.udp_port),
+                                   creds.username, creds.password,
+                                   on_data=lambda d, _p: got.put_nowait(d))  # fmt: skip
+            where = peer.getsockname()
+            for n in range(5):
+                conn.send(b"out %d" % n, where)
+                await asyncio.sleep(0.05)
+            first, relayed_from = await asyncio.to_thread(peer.recvfrom, 100)
+            assert relayed_from[1] == conn.relayed[1]
+            for n in range(5):
+                peer.sendto(b"back %d" % n, relayed_from)
+            answers = [await asyncio.wait_for(got.get(), 5) for _ in range(5)]
+            await conn.close()
+            return first, answers
+
+        first, answers = asyncio.run(exchange())
+    assert first == b"out 0"
+    assert answers == [b"back %d" % n for n in range(5)]
+    health = json.loads(
+        urllib.request.urlopen(f"http://127.0.0.1:{relay.health_port}/healthz").read()
+    )
+    assert health["native_forwarder"] is False
+    assert health["relayed"]["packets_to_client"] >= 5

@@ -96,9 +96,9 @@ class RelayPath:
     @property
     def label(self) -> str:
         """How media travels, for call reports: relay-udp, relay-tcp, relay-tls, relay-proxy."""
-        return "relay-" + self.connection.transport.replace("tls+proxy", "proxy") if (
-            self.connection is not None
-        ) else "none"  # fmt: skip
+        if self.connection is None:
+            return "none"
+        return "relay-" + self.connection.transport.replace("tls+proxy", "proxy")
 
     async def _fresh_credentials(self) -> TurnCredentials:
         now = time.time()

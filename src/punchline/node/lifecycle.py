@@ -28,14 +28,17 @@ from punchline.session.outbound import Identity
 log = structlog.get_logger(component="node")
 
 
-def stored_identity(store: IdentityStore, now: float, role: certs.Role) -> Identity | None:
-    """The node identity in the data dir if its certificate is valid for a while yet."""
+def stored_identity(
+    store: IdentityStore, now: float, roles: frozenset[certs.Role]
+) -> Identity | None:
+    """The node identity in the data dir if its certificate carries every one of `roles` and
+    is valid for a while yet (a third of its lifetime), else None: time to enrol again."""
     ca = store.pinned_ca()
     if ca is None or not store.cert_path.exists():
         return None
     cert = store.certificate()
-    info = certs.verify(cert, ca, now, role)
-    if info.not_after - now < info.lifetime / 3:
+    info = certs.verify(cert, ca, now, min(roles, key=lambda r: r.value))
+    if not roles <= info.roles or info.not_after - now < info.lifetime / 3:
         return None
     return Identity(store.key(), cert, ca)
 
@@ -50,15 +53,9 @@ def ensure_enrolled(
 ) -> Identity:
     """The stored identity when it still carries every role, else a fresh enrolment."""
     wanted = frozenset(roles)
-    main = min(wanted, key=lambda r: r.value)
     now = time.time()
     try:
-        identity = stored_identity(store, now, main)
-        if (
-            identity is not None
-            and not wanted <= certs.verify(identity.certificate, identity.ca, now, main).roles
-        ):
-            identity = None
+        identity = stored_identity(store, now, wanted)
     except Exception:  # any problem with the stored identity: enrol afresh
         identity = None
     if identity is not None:
@@ -69,7 +66,7 @@ def ensure_enrolled(
             "--enroll-secret or PUNCHLINE_ENROLL_SECRET"
         )
     enrolment.enroll(store, auth_url, secret, wanted, addresses, ca_fingerprint)
-    identity = stored_identity(store, now, main)
+    identity = stored_identity(store, now, wanted)
     assert identity is not None
     return identity
 

@@ -639,19 +639,27 @@ Forwarder_bind(Forwarder *self, PyObject *args, PyObject *kwds)
     Py_RETURN_NONE;
 }
 
-static PyObject *
-Forwarder_unbind(Forwarder *self, PyObject *args, PyObject *kwds)
+/* The (client_fd, client_addr, channel) arguments of unbind() and stats(); `format` is
+ * "OOO:name" so that errors name the method. */
+static int
+parse_client_key(PyObject *args, PyObject *kwds, const char *format, addr_key *key)
 {
     static char *kwlist[] = {"client_fd", "client_addr", "channel", NULL};
     PyObject *fd_obj, *addr_obj, *channel_obj;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:unbind", kwlist, &fd_obj, &addr_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, format, kwlist, &fd_obj, &addr_obj,
                                      &channel_obj)) {
-        return NULL;
+        return -1;
     }
-    addr_key key;
     sockaddr_any sa;
     socklen_t salen;
-    if (client_key_from_args(fd_obj, addr_obj, channel_obj, &key, &sa, &salen) < 0) {
+    return client_key_from_args(fd_obj, addr_obj, channel_obj, key, &sa, &salen);
+}
+
+static PyObject *
+Forwarder_unbind(Forwarder *self, PyObject *args, PyObject *kwds)
+{
+    addr_key key;
+    if (parse_client_key(args, kwds, "OOO:unbind", &key) < 0) {
         return NULL;
     }
     lock(self);
@@ -708,16 +716,8 @@ count_dict(const char *first, ...)
 static PyObject *
 Forwarder_stats(Forwarder *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"client_fd", "client_addr", "channel", NULL};
-    PyObject *fd_obj, *addr_obj, *channel_obj;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:stats", kwlist, &fd_obj, &addr_obj,
-                                     &channel_obj)) {
-        return NULL;
-    }
     addr_key key;
-    sockaddr_any sa;
-    socklen_t salen;
-    if (client_key_from_args(fd_obj, addr_obj, channel_obj, &key, &sa, &salen) < 0) {
+    if (parse_client_key(args, kwds, "OOO:stats", &key) < 0) {
         return NULL;
     }
     lock(self);

@@ -50,7 +50,9 @@ from punchline.relay.allocation import (
 )
 from punchline.relay.forwarder import (
     Forwarder,
+    Kind,
     PyForwarder,
+    SlowDatagram,
     ThreadedForwarder,
     make_forwarder,
     threaded,
@@ -98,14 +100,8 @@ def _tune_udp(sock: socket.socket) -> None:
 
 
 def _udp_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        _tune_udp(sock)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
+    sock = sockets.udp_socket(host, port)
+    _tune_udp(sock)
     return sock
 
 
@@ -131,9 +127,11 @@ class _Stream(asyncio.Protocol):
             assert self.transport is not None
             self.transport.close()
             return
+        if not messages:
+            return
         now = time.time()
+        self.relay.count(self.name, "messages_in", len(messages))
         for message in messages:
-            self.relay.count(self.name, "messages_in")
             self.relay.core.receive_from_client(message, self.key, now)
         self.relay.poke()
 
@@ -158,8 +156,9 @@ class RelayServer:
         self.core = RelayCore(config.core, "", time.time())  # no credentials work yet
         self.forwarder: Forwarder = make_forwarder(config.native_forwarder)
         self.native = not isinstance(self.forwarder, PyForwarder)
-        # Threaded mode (the C forwarder): its thread reads the UDP sockets, these name them.
+        # Threaded mode (the C forwarder): its thread reads the UDP sockets.
         self.threaded: ThreadedForwarder | None = threaded(self.forwarder)
+        # Who a watched UDP socket belongs to: a client connection name or an allocation.
         self._conn_by_fd: dict[int, str] = {}
         self._allocation_by_fd: dict[int, int] = {}
         self._notify_fd: int | None = None
@@ -195,13 +194,11 @@ class RelayServer:
         conn = f"udp:{port}"
         self.udp[conn] = udp
         if self.threaded is not None:
-            self._conn_by_fd[udp.fileno()] = conn
-            self.threaded.watch(udp.fileno(), "client")
             self._notify_fd = self.threaded.notify_fd()
             loop.add_reader(self._notify_fd, self._drain)
             self.threaded.start()
-        else:
-            loop.add_reader(udp.fileno(), self._client_readable, conn, udp)
+        self._conn_by_fd[udp.fileno()] = conn
+        self._watch(udp.fileno(), "client")
         for tcp_port in self.config.tcp_ports:
             self._listeners.append(sockets.tcp_listener(self.config.listen_host, tcp_port))
 
@@ -281,29 +278,34 @@ class RelayServer:
 
     # ----------------------------------------------------------------- datagrams
 
-    def _client_readable(self, conn: str, sock: socket.socket) -> None:
-        batch = self.forwarder.pump_client(sock.fileno())
-        if not batch:
-            return
-        now = time.time()
-        self.count("udp", "messages_in", len(batch))
-        for data, addr in batch:
-            self.core.receive_from_client(data, (conn, addr), now)
-        self.poke()
+    def _watch(self, fd: int, kind: Kind) -> None:
+        """Have the forwarder read a UDP socket: its thread, or the event loop pumping it."""
+        if self.threaded is not None:
+            self.threaded.watch(fd, kind)
+        else:
+            asyncio.get_running_loop().add_reader(fd, self._pumped, fd, kind)
 
-    def _relay_readable(self, allocation: int, sock: socket.socket) -> None:
-        batch = self.forwarder.pump_relay(sock.fileno())
-        if not batch:
-            return
-        now = time.time()
-        for data, addr in batch:
-            self.core.receive_from_peer(allocation, data, addr, now)
-        self.poke()
+    def _unwatch(self, fd: int) -> None:
+        """After this the socket is read by nobody; the caller may close it."""
+        if self.threaded is not None:
+            self.threaded.unwatch(fd)
+        else:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(fd)
+        self._conn_by_fd.pop(fd, None)
+        self._allocation_by_fd.pop(fd, None)
+
+    def _pumped(self, fd: int, kind: Kind) -> None:
+        """Pump mode (Python forwarder): a watched socket is readable."""
+        pump = self.forwarder.pump_client if kind == "client" else self.forwarder.pump_relay
+        self._to_core([(kind, fd, data, addr) for data, addr in pump(fd)])
 
     def _drain(self) -> None:
-        """Threaded mode: what the forwarder's thread did not forward, for the core."""
+        """Threaded mode: what the forwarder's thread did not forward."""
         assert self.threaded is not None
-        batch = self.threaded.drain()
+        self._to_core(self.threaded.drain())
+
+    def _to_core(self, batch: list[SlowDatagram]) -> None:
         if not batch:
             return
         now = time.time()
@@ -383,12 +385,8 @@ class RelayServer:
             self.core.relay_failed(action.allocation, now)
             return
         self.relays[action.allocation] = sock
-        if self.threaded is not None:
-            self._allocation_by_fd[sock.fileno()] = action.allocation
-            self.threaded.watch(sock.fileno(), "relay")
-        else:
-            loop = asyncio.get_running_loop()
-            loop.add_reader(sock.fileno(), self._relay_readable, action.allocation, sock)
+        self._allocation_by_fd[sock.fileno()] = action.allocation
+        self._watch(sock.fileno(), "relay")
         port = int(sock.getsockname()[1])
         self.core.relay_opened(action.allocation, (self.host, port), now)
 
@@ -424,12 +422,7 @@ class RelayServer:
         if sock is None:
             return
         fd = sock.fileno()
-        if self.threaded is not None:
-            self.threaded.unwatch(fd)  # from here on the thread leaves the fd alone
-            self._allocation_by_fd.pop(fd, None)
-        else:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(fd)
+        self._unwatch(fd)
         self.forwarder.unbind_relay(fd)  # and sends nothing more through it
         sock.close()
 
@@ -542,12 +535,7 @@ class RelayServer:
         for allocation in list(self.relays):
             self._close_relay(allocation)
         for sock in self.udp.values():
-            if self.threaded is not None:
-                self.threaded.unwatch(sock.fileno())
-                self._conn_by_fd.pop(sock.fileno(), None)
-            else:
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(sock.fileno())
+            self._unwatch(sock.fileno())
             sock.close()
         for sock in [*self._listeners, *self._held.values()]:
             sock.close()

@@ -11,6 +11,17 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def udp_socket(host: str, port: int) -> socket.socket:
+    """A bound UDP socket (closed again if the bind fails)."""
+    sock = socket.socket(_family(host), socket.SOCK_DGRAM)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def tcp_listener(host: str, port: int, backlog: int = 512) -> socket.socket:
     listener = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
@@ -32,13 +43,13 @@ def udp_and_tcp(host: str, port: int) -> tuple[socket.socket, socket.socket]:
     elsewhere on the machine, so pick again until both binds succeed.
     """
     for _attempt in range(50 if port == 0 else 1):
-        udp = socket.socket(_family(host), socket.SOCK_DGRAM)
+        udp: socket.socket | None = None
         try:
-            udp.bind((host, port))
-            chosen = int(udp.getsockname()[1])
-            return udp, tcp_listener(host, chosen)
+            udp = udp_socket(host, port)
+            return udp, tcp_listener(host, int(udp.getsockname()[1]))
         except OSError as exc:
-            udp.close()
+            if udp is not None:
+                udp.close()
             if port != 0:
                 raise LocalError(f"cannot listen on {host} port {port}: {exc.strerror}") from exc
     raise LocalError(f"no port on {host} is free for both UDP and TCP")
