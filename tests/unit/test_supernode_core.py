@@ -319,6 +319,20 @@ def test_a_client_publishing_its_own_record_gives_a_publish_action(world: World)
     assert core.counters["bad_record"] == 0
 
 
+def test_the_client_hears_when_the_index_holds_its_current_record(world: World) -> None:
+    lab = Lab(world, auto_index=False)
+    core = lab.node(world.sn_a, SA)
+    alice = lab.client(world.alice)
+    for seq in (1, 2):
+        lab.publish(alice, record(world.alice, "laptop", "sn-a", SA, seq))
+    assert alice.of_type("published") == []  # nothing before the index confirms
+    old, new = lab.end().publishes()  # the records as the core handed them to the index
+    core.published("alice", "laptop", old.record, lab.net.now)  # superseded: no news
+    core.published("alice", "laptop", new.record, lab.net.now)
+    lab.net.advance(0.1)
+    assert alice.of_type("published") == [{"t": "published", "seq": 2}]
+
+
 def test_publishing_someone_elses_record_is_refused(world: World) -> None:
     lab = Lab(world, auto_index=False)
     core = lab.node(world.sn_a, SA)

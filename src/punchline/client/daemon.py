@@ -120,6 +120,8 @@ class Daemon:
         self.attempts: dict[Address, tuple[Supernode, OutboundSession]] = {}
         self.current: tuple[Supernode, OutboundSession] | None = None
         self.reflexive: Address | None = None
+        # The sequence number of the presence record the index confirmed holding, if current.
+        self.published_seq: int | None = None
         self.avoid: dict[str, float] = {}
         self.call: ActiveCall | None = None
         self._seen_invites: dict[bytes, float] = {}
@@ -262,6 +264,7 @@ class Daemon:
         self.avoid[node.node_id] = now + self.config.avoid_failed_for
         self.current = None
         self.reflexive = None
+        self.published_seq = None
         self._attach(now)
 
     def _publish(self, now: float) -> None:
@@ -316,6 +319,9 @@ class Daemon:
             reflexive = message.get("reflexive")
             if isinstance(reflexive, list) and len(reflexive) == 2:
                 self.reflexive = (str(reflexive[0]), int(reflexive[1]))
+        elif kind == "published":
+            if message.get("seq") == self._seq:
+                self.published_seq = self._seq
         elif kind == "signal":
             self._signal(message, now)
         elif kind == "signal_error":
@@ -619,6 +625,8 @@ class Daemon:
             "supernode": supernode,
             "transport": "udp" if self.current is not None else None,
             "reflexive": list(self.reflexive) if self.reflexive else None,
+            # findable by others: the index confirmed holding the current presence record
+            "published": self.current is not None and self.published_seq is not None,
             "nat": None,
             "relay": None if self.relay is None else self.relay.status(),
             "call": call,

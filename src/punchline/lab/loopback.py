@@ -153,7 +153,8 @@ class Network:
         process, log = self._spawn(user, ["up", "--data", str(data), *extra])
         proc = Proc(user, process, log)
         self.daemons[user] = proc
-        _wait_for(lambda: self.status(user).get("supernode"), 30, f"daemon {user}", process)
+        # online means findable: attached, and the index holds the presence record
+        _wait_for(lambda: self.status(user).get("published"), 30, f"daemon {user}", process)
         return proc
 
     def status(self, user: str) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class Session:
     route: Route
     device: str | None = None
     record: dict[str, Any] | None = None
+    seq: int = 0  # of `record`, verified when it was published
 
     @property
     def subject(self) -> str:
@@ -247,7 +248,7 @@ class SupernodeCore:
         previous = session.device
         if previous is not None and previous != checked.device:
             self.by_user.get(session.subject, {}).pop(previous, None)
-        session.device, session.record = checked.device, record
+        session.device, session.record, session.seq = checked.device, record, checked.seq
         self.by_user.setdefault(session.subject, {})[checked.device] = session
         self._actions.append(Publish(session.subject, checked.device, record))
 
@@ -259,6 +260,13 @@ class SupernodeCore:
         ref = next(self._refs)
         self._pending[ref] = _PendingLookup(kind, session.channel.session_id, request, user)
         self._actions.append(Lookup(ref, user))
+
+    def published(self, user: str, device: str, record: dict[str, Any], now: float) -> None:
+        """The index holds `record`: tell the device, which only now is findable by others
+        (a call placed before this lands while the DHT put is still under way)."""
+        session = self.by_user.get(user, {}).get(device)
+        if session is not None and session.record is record:
+            session.channel.send({"t": "published", "seq": session.seq}, now)
 
     def lookup_done(self, ref: int, records: list[dict[str, Any]], now: float) -> None:
         pending = self._pending.pop(ref, None)

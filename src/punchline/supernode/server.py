@@ -188,6 +188,10 @@ class SupernodeServer:
             await self.index.publish(action.user, action.device, action.record)
         except Exception as exc:  # the DHT failing must not kill the node
             log.warning("index publish failed", user=action.user, error=str(exc))
+            return
+        if self.core is not None and self.driver is not None:
+            self.core.published(action.user, action.device, action.record, time.time())
+            self.driver.poke()
 
     async def _lookup(self, action: Lookup) -> None:
         assert self.index is not None
