@@ -10,7 +10,6 @@ from punchline.call.media import MediaSession, fec_plan
 from punchline.crypto.handshake import SessionKeys
 from punchline.voice import wav
 
-A, B = ("10.0.0.1", 5000), ("10.0.0.2", 6000)
 KEYS_A = SessionKeys(send=b"a" * 32, receive=b"b" * 32, session_id=b"s" * 8)
 KEYS_B = SessionKeys(send=b"b" * 32, receive=b"a" * 32, session_id=b"s" * 8)
 
@@ -28,25 +27,24 @@ def run(
 ) -> tuple[MediaSession, MediaSession, Collect]:
     rng = random.Random(seed)
     sink = Collect()
-    a = MediaSession(KEYS_A, [B], wav.WavSource(wav.speech_sample()), None, 0.0)
-    b = MediaSession(KEYS_B, [A], wav.SilenceSource(), sink, 0.0)
+    a = MediaSession(KEYS_A, wav.WavSource(wav.speech_sample()), None, 0.0)
+    b = MediaSession(KEYS_B, wav.SilenceSource(), sink, 0.0)
     now = 0.0
     while now < seconds:
-        for sender, receiver, source in ((a, b, A), (b, a, B)):
+        for sender, receiver in ((a, b), (b, a)):
             sender.tick(now)
-            for data, _address in sender.datagrams():
+            for data in sender.datagrams():
                 if rng.random() >= loss:
-                    receiver.receive_untrusted(data, source, now + 0.005)
+                    receiver.receive_untrusted(data, now + 0.005)
         now += 0.02
     return a, b, sink
 
 
-def test_audio_flows_and_the_path_latches() -> None:
+def test_audio_flows() -> None:
     a, b, sink = run(3.0)
     assert b.first_audio_at is not None
     assert len(sink.frames) > 100
-    assert a.remote == B
-    assert b.remote == A
+    assert b.stats.max_gap < 0.03
     assert a.stats.rtt_ms is not None  # RTCP round trip measured
     assert a.loss == 0.0
 
@@ -68,11 +66,19 @@ def test_fec_plan() -> None:
 
 def test_media_from_strangers_is_rejected() -> None:
     _, b, _ = run(0.5)
-    stranger = MediaSession(SessionKeys(b"x" * 32, b"y" * 32, b"t" * 8), [B],
-                            wav.SilenceSource(), None, 0.0)  # fmt: skip
+    stranger = MediaSession(SessionKeys(b"x" * 32, b"y" * 32, b"t" * 8), wav.SilenceSource(),
+                            None, 0.0)  # fmt: skip
     stranger.tick(1.0)
-    before = b.remote
-    for data, _ in stranger.datagrams():
-        assert b.receive_untrusted(data, ("6.6.6.6", 666), 1.0) is False
-    assert b.remote == before  # forged media cannot hijack the path
+    for data in stranger.datagrams():
+        assert b.receive_untrusted(data, 1.0) is False
     assert b.stats.rejected >= 1
+
+
+def test_a_packet_arriving_by_two_paths_is_played_once_and_counted() -> None:
+    a = MediaSession(KEYS_A, wav.WavSource(wav.speech_sample()), None, 0.0)
+    b = MediaSession(KEYS_B, wav.SilenceSource(), None, 0.0)
+    a.tick(0.0)
+    (data,) = a.datagrams()
+    assert b.receive_untrusted(data, 0.01) is True
+    assert b.receive_untrusted(data, 0.03) is False  # the same packet by the other path
+    assert (b.stats.packets_received, b.stats.duplicates) == (1, 1)

@@ -1,11 +1,12 @@
 """The media of one call: 20 ms Opus frames in end-to-end encrypted RTP, over one UDP socket.
 
 Sans-I/O except for audio devices: `tick(now)` every 20 ms encodes the next frame from the
-source and decodes the next one for the sink; `receive_untrusted(data, addr, now)` takes RTP and
-RTCP from the network; `datagrams()` gives what to send where. The sender does not know the
-callee's address for sure: it sends to every candidate the peer offered until one of them
-answers with media that authenticates, then sticks to that one (symmetric RTP latching), and
-follows the peer if authenticated media later comes from a new address.
+source and decodes the next one for the sink; `receive_untrusted(data, now)` takes RTP and
+RTCP from the network, whichever path they came by; `datagrams()` gives what to send. Where it
+goes is the connectivity agent's business (`connect.agent`): the media session neither knows
+nor cares, so a path can change mid-call without the stream noticing. Duplicates (the same
+packet by two paths during a switch) are dropped by the SRTP replay window and counted, and
+the longest silence between two packets is kept: it is how long a path switch was heard.
 
 RTP follows RFC 3550 with Opus per RFC 7587 (48 kHz RTP clock even for 16 kHz audio), RTCP
 sender/receiver reports every 2 s give RTT (LSR/DLSR), loss and jitter.
@@ -16,14 +17,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from punchline.crypto.handshake import SessionKeys
-from punchline.crypto.packets import PacketError
+from punchline.crypto.packets import PacketError, ReplayedPacket
 from punchline.crypto.srtp import SecureRtp
 from punchline.voice.codec import OpusConfig, OpusDecoder, OpusEncoder
 from punchline.voice.jitter import JitterBuffer, JitterConfig
@@ -72,6 +72,9 @@ class MediaStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     rejected: int = 0
+    duplicates: int = 0
+    # the longest interval between two authentic RTP arrivals after the first (seconds)
+    max_gap: float = 0.0
     rtt_ms: float | None = None
     peer_loss: float = 0.0
     peer_jitter_ms: float = 0.0
@@ -81,7 +84,6 @@ class MediaSession:
     def __init__(
         self,
         keys: SessionKeys,
-        candidates: Sequence[Address],
         source: FrameSource,
         sink: FrameSink | None,
         now: float,
@@ -89,8 +91,6 @@ class MediaSession:
     ) -> None:
         self.config = config or MediaConfig()
         self._srtp = SecureRtp(keys)
-        self._candidates = list(dict.fromkeys(candidates))
-        self.remote: Address | None = None
         self._source = source
         self._sink = sink
         self._encoder = OpusEncoder(self.config.opus)
@@ -100,7 +100,8 @@ class MediaSession:
         self.ssrc = secrets.randbits(32)
         self._seq = rtp.random_initial_sequence()  # < 2^15: see its docstring
         self._timestamp = secrets.randbits(32)
-        self._out: list[tuple[bytes, Address]] = []
+        self._out: list[bytes] = []
+        self._last_arrival: float | None = None
         self._next_rtcp = now + self.config.rtcp_interval
         self._last_sr: tuple[int, float] | None = None  # (middle 32 bits of NTP, when received)
         self.peer_ssrc: int | None = None
@@ -129,10 +130,9 @@ class MediaSession:
         self._seq = (self._seq + 1) & 0xFFFF
         self._timestamp = (self._timestamp + RTP_TICKS_PER_FRAME) & 0xFFFFFFFF
         data = self._srtp.protect_rtp(packet)
-        for address in [self.remote] if self.remote else self._candidates:
-            self._out.append((data, address))
-            self.stats.packets_sent += 1
-            self.stats.bytes_sent += len(data)
+        self._out.append(data)
+        self.stats.packets_sent += 1
+        self.stats.bytes_sent += len(data)
 
     def _play(self, now: float) -> None:
         playout = self._jitter.pop(now)
@@ -149,7 +149,7 @@ class MediaSession:
 
     # ----------------------------------------------------------------- network
 
-    def receive_untrusted(self, data: bytes, source: Address, now: float) -> bool:
+    def receive_untrusted(self, data: bytes, now: float) -> bool:
         """Take one datagram; True if it was authentic media or RTCP of this call."""
         try:
             if rtp.is_rtcp(data):
@@ -157,12 +157,13 @@ class MediaSession:
             else:
                 packet = self._srtp.unprotect_rtp_untrusted(data)
                 self._receive_rtp(packet, now)
+        except ReplayedPacket:
+            self.stats.duplicates += 1
+            return False
         except (rtp.RtpError, PacketError):
             self.stats.rejected += 1
             return False
         self.stats.bytes_received += len(data)
-        if self.remote != source:
-            self.remote = source  # latch: authenticated media proves this path works
         return True
 
     def _receive_rtp(self, packet: rtp.RtpPacket, now: float) -> None:
@@ -177,6 +178,9 @@ class MediaSession:
         self.stats.packets_received += 1  # authenticated, so never a duplicate (replay window)
         if self.first_audio_at is None:
             self.first_audio_at = now
+        if self._last_arrival is not None:
+            self.stats.max_gap = max(self.stats.max_gap, now - self._last_arrival)
+        self._last_arrival = now
 
     def _receive_rtcp(self, data: bytes, now: float) -> None:
         for report in rtp.decode_rtcp_untrusted(data):
@@ -193,8 +197,6 @@ class MediaSession:
                     self.stats.rtt_ms = max(0.0, (rtt & 0xFFFFFFFF) / 65536.0 * 1000.0)
 
     def _send_rtcp(self, now: float) -> None:
-        if self.remote is None and not self._candidates:
-            return
         blocks: tuple[rtp.ReportBlock, ...] = ()
         if self.peer_ssrc is not None:
             expected, received = self._expected(), self.stats.packets_received
@@ -217,14 +219,12 @@ class MediaSession:
             )  # fmt: skip
         report = rtp.SenderReport(self.ssrc, _ntp(now), self._timestamp, self.stats.packets_sent,
                                   self.stats.bytes_sent, blocks)  # fmt: skip
-        data = self._srtp.protect_rtcp(rtp.encode_rtcp([report]))
-        for address in [self.remote] if self.remote else self._candidates:
-            self._out.append((data, address))
+        self._out.append(self._srtp.protect_rtcp(rtp.encode_rtcp([report])))
 
     def _tracker_highest(self) -> int:
         return (self._tracker.highest or 0) & 0xFFFFFFFF
 
-    def datagrams(self) -> list[tuple[bytes, Address]]:
+    def datagrams(self) -> list[bytes]:
         out, self._out = self._out, []
         return out
 
@@ -256,4 +256,6 @@ class MediaSession:
             "jitter_ms": round(self.jitter_ms, 1),
             "bytes_sent": self.stats.bytes_sent,
             "bytes_received": self.stats.bytes_received,
+            "duplicates": self.stats.duplicates,
+            "max_gap_ms": round(self.stats.max_gap * 1000),
         }

@@ -140,6 +140,11 @@ class Call:
         self._send({"type": "answer", "answer": answer, "media": media})
         self._connected(now)
 
+    def trickle(self, candidates: list[dict[str, Any]]) -> None:
+        """Candidates found after the invite or answer went out (a relay, predicted ports)."""
+        if self.state in LIVE:
+            self._send({"type": "candidates", "candidates": candidates})
+
     def reject(self, reason: str, now: float) -> None:
         if self.state is CallState.INCOMING:
             self._send({"type": "reject", "reason": reason})

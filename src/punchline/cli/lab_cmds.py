@@ -75,6 +75,47 @@ def _table(rows: list[Any]) -> None:
 
 
 @app.command()
+def matrix(
+    as_json: Json = False,
+    sites: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated site kinds; repeat one for two sites [default: all]."),
+    ] = None,
+    delay: Annotated[
+        float, typer.Option("--delay", help="One-way delay in ms on every site's uplink.")
+    ] = 25.0,
+    runs: Annotated[int, typer.Option(min=1, help="Calls per (caller, callee) pair.")] = 1,
+    seconds: Annotated[
+        float, typer.Option(min=1.0, help="Seconds of the speech sample each call plays.")
+    ] = 4.0,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Keep state, logs and recordings here [default: temp].")
+    ] = None,
+    online_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a daemon may take to come online before its site counts as offline."
+        ),
+    ] = 20.0,
+) -> None:
+    """Call between a user behind every kind of site: path, time to audio and to direct, PESQ.
+
+    Progress goes to stderr, so `--json` output on stdout stays one JSON object.
+    """
+    from punchline.lab import matrix as connectivity
+
+    _need_root()
+    kinds = [k.strip() for k in sites.split(",") if k.strip()] if sites else None
+    result = connectivity.run(kinds or connectivity.DEFAULT_KINDS, runs, delay,
+                              lambda line: typer.echo(line, err=True), workdir,
+                              clip_s=seconds, online_timeout=online_timeout)  # fmt: skip
+    if as_json:
+        emit_json(result)
+    else:
+        typer.echo(connectivity.table(result))
+
+
+@app.command()
 def up(
     file: Annotated[Path, typer.Argument(help="Topology file (TOML).", exists=True)],
     as_json: Json = False,

@@ -17,6 +17,7 @@ from punchline.cli import (
     auth_cmds,
     demo,
     lab_cmds,
+    netcheck_cmds,
     network_cmds,
     node_cmds,
     relay_cmds,
@@ -36,6 +37,7 @@ app.add_typer(node_cmds.app, name="node")
 app.add_typer(lab_cmds.app, name="lab")
 account_cmds.register(app)
 network_cmds.register(app)
+netcheck_cmds.register(app)
 relay_cmds.register(app)
 demo.register(app)
 

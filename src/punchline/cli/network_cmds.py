@@ -130,6 +130,13 @@ def up(
             envvar="HTTPS_PROXY", help="HTTP CONNECT proxy, http://[user:pass@]host:port."
         ),
     ] = None,
+    supernode_transport: Annotated[
+        str,
+        typer.Option(
+            hidden=True,
+            help="Way to the supernode: auto (udp, tcp 443/80, tls, proxy), udp, tcp, tls, proxy.",
+        ),
+    ] = "auto",
 ) -> None:
     """Go online: attach to a supernode, publish presence, take and place calls."""
     from punchline.client.daemon import Daemon, DaemonConfig
@@ -147,7 +154,8 @@ def up(
         ProxyConfig.parse(proxy)  # a wrong URL is reported now, not at the first call
     config = DaemonConfig(identity_store.dir, auto_answer, play, record, prefer=supernode,
                           renewal_check_interval=renewal_check, relay_only=relay_only,
-                          relay_transport=relay_transport, proxy=proxy)  # fmt: skip
+                          relay_transport=relay_transport, proxy=proxy,
+                          supernode_transport=supernode_transport)  # fmt: skip
     asyncio.run(Daemon(config).run())
 
 

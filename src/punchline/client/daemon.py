@@ -26,18 +26,32 @@ import structlog
 from punchline.call.media import Address, MediaConfig, MediaSession
 from punchline.call.signaling import Call, CallConfig, CallState
 from punchline.client import account, control
+from punchline.client.call_paths import CallPaths, PathsConfig
 from punchline.client.relay_path import RelayPath
 from punchline.client.store import IdentityStore
+from punchline.client.supernode_link import (
+    DatagramLink,
+    Ladder,
+    Link,
+    StreamLink,
+    Supernode,
+    stream_channel,
+    supernodes_in,
+)
+from punchline.connect.agent import AgentConfig
+from punchline.connect.candidates import Candidate
 from punchline.crypto import handshake
 from punchline.errors import LocalError, PunchlineError
 from punchline.identity import certs, keys
+from punchline.nat.discover import NatMonitor
+from punchline.nat.discovery import EIM, NatReport
 from punchline.relay.connection import ProxyConfig
 from punchline.session.channel import ChannelConfig
 from punchline.session.outbound import Identity, OutboundSession, State
 from punchline.voice import wav
 from punchline.voice.codec import FRAME_MS
 from punchline.voice.wav import FrameSource
-from punchline.wire import presence
+from punchline.wire import presence, stun
 from punchline.wire import session as wire
 
 log = structlog.get_logger(component="daemon")
@@ -66,6 +80,14 @@ class DaemonConfig:
     relay_transport: str = "auto"
     proxy: str | None = None
     relay_retry_interval: float = 5.0
+    # The daemon's own way to its supernode (`punchline up --supernode-transport`): auto climbs
+    # UDP, TCP 443/80, TLS, TLS through `proxy`; the others force one rung (for tests).
+    supernode_transport: str = "auto"
+    # Allocate a relay for every call (the path that works when nothing direct does).
+    call_relay: bool = True
+    # The media socket's reflexive address is refreshed this often (and keeps its mapping).
+    reflexive_interval: float = 20.0
+    agent: AgentConfig = field(default_factory=AgentConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)
     call: CallConfig = field(default_factory=CallConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
@@ -78,12 +100,6 @@ class Sink(Protocol):
 
 
 @dataclass
-class Supernode:
-    node_id: str
-    address: Address
-
-
-@dataclass
 class ActiveCall:
     call: Call
     requested_at: float
@@ -92,7 +108,7 @@ class ActiveCall:
     duration: float | None
     waiters: list[asyncio.Queue[dict[str, Any]]] = field(default_factory=list)
     media: MediaSession | None = None
-    paths: list[dict[str, Any]] = field(default_factory=list)
+    connectivity: CallPaths | None = None
     hangup_at: float | None = None
     finished: bool = False
 
@@ -117,9 +133,17 @@ class Daemon:
         self.user = ""
         self.device = ""
         self.supernodes: list[Supernode] = []
-        self.attempts: dict[Address, tuple[Supernode, OutboundSession]] = {}
+        # Sessions being attempted, by the link (UDP address or stream) each talks over.
+        self.attempts: dict[Link, tuple[Supernode, OutboundSession]] = {}
+        self.link: Link | None = None  # the current session's
+        self._attach_started = 0.0
+        self._ladder = Ladder(config.supernode_transport, config.proxy, self._stream_packet,
+                              self._stream_ended)  # fmt: skip
         self.current: tuple[Supernode, OutboundSession] | None = None
         self.reflexive: Address | None = None
+        # The media socket's own mapping, as a supernode saw it (STUN): the srflx candidate.
+        self.media_reflexive: Address | None = None
+        self._reflexive_probes: dict[bytes, float] = {}
         # The sequence number of the presence record the index confirmed holding, if current.
         self.published_seq: int | None = None
         self.avoid: dict[str, float] = {}
@@ -133,10 +157,14 @@ class Daemon:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
-        self.counters = {"replayed_invites": 0, "forged_invites": 0, "malformed": 0}
+        self.counters = {"replayed_invites": 0, "forged_invites": 0, "malformed": 0,
+                         "bad_candidates": 0}  # fmt: skip
         self._pending_answer: dict[str, Any] = {}
         self._retry_at = 0.0
         self.relay: RelayPath | None = None
+        # What our NAT does (nat.discovery), once measured in the background; the
+        # connectivity engine reads `allocation` / `delta` from it for port prediction.
+        self.nat: NatReport | None = None
         if config.relay_only:
             proxy = ProxyConfig.parse(config.proxy) if config.proxy else None
             self.relay = RelayPath(self.store, self._relayed_data, config.relay_transport, proxy)
@@ -183,6 +211,12 @@ class Daemon:
                  supernodes=len(self.supernodes))  # fmt: skip
         self._attach(time.time())
         self._spawn(self._renewals())
+        self._spawn(NatMonitor(
+            lambda: [s.address for s in self.supernodes],
+            lambda report: setattr(self, "nat", report),
+            lambda: self.current is not None, lambda: self.reflexive,
+        ).run())  # fmt: skip
+        self._spawn(self._keep_reflexive())
         if self.relay is not None:
             self._spawn(self._keep_relay(self.relay))
 
@@ -200,7 +234,61 @@ class Daemon:
             relay.connection = None
 
     def _relayed_data(self, data: bytes, peer: Address) -> None:
-        self.received("media", data, peer)
+        paths = self.call.connectivity if self.call is not None else None
+        if paths is not None:
+            paths.relayed_data(data, peer)
+
+    # ----------------------------------------------------------------- reflexive address
+
+    def _stun_servers(self) -> list[Address]:
+        """Supernodes' UDP ports, which answer STUN: the current one first."""
+        listing = self.store.bootstrap() or {}
+        found: list[Address] = []
+        for node in listing.get("nodes", []):
+            if "supernode" in node.get("roles", []):
+                for address in node.get("addresses", []):
+                    if address.get("transport") == "udp":
+                        found.append((str(address["host"]), int(address["port"])))
+        current = self.current[0].address if self.current is not None else None
+        found.sort(key=lambda a: a != current)
+        return found
+
+    async def _keep_reflexive(self) -> None:
+        """Keep the media socket's mapping open and known, so a call's candidates are ready
+        before it starts (no gathering wait); asked of the current supernode."""
+        while True:
+            if self._media_sock is not None:
+                for server in self._stun_servers()[:1]:
+                    request = stun.binding_request()
+                    self._reflexive_probes[request[8:20]] = time.time()
+                    self._media_sock.sendto(request, server)
+            await asyncio.sleep(self._reflexive_interval())
+            cutoff = time.time() - 10
+            self._reflexive_probes = {t: at for t, at in self._reflexive_probes.items()
+                                      if at > cutoff}  # fmt: skip
+
+    def _reflexive_interval(self) -> float:
+        """Soon while unknown; then well inside the NAT's measured idle-mapping lifetime, so
+        the mapping (and the candidate the next call offers) stays valid."""
+        if self.media_reflexive is None:
+            return 0.5
+        lifetime = self.nat.mapping_lifetime_s if self.nat is not None else None
+        if lifetime is None:
+            return self.config.reflexive_interval
+        return max(2.0, min(self.config.reflexive_interval, lifetime * 0.5))
+
+    def _reflexive_answer(self, data: bytes) -> bool:
+        try:
+            message = stun.decode_untrusted(data)
+        except stun.StunError:
+            return False
+        if self._reflexive_probes.pop(message.transaction_id, None) is None:
+            return False
+        mapped = stun.mapped_address_untrusted(message)
+        if mapped is not None and mapped != self.media_reflexive:
+            log.info("reflexive address", address=mapped)
+            self.media_reflexive = mapped
+        return True
 
     async def _renewals(self) -> None:
         """Renew the certificate while running (it lasts a day); new sessions and the
@@ -218,15 +306,7 @@ class Daemon:
 
     def _bootstrap_supernodes(self) -> list[Supernode]:
         listing = self.store.bootstrap() or {}
-        found = []
-        for node in listing.get("nodes", []):
-            if "supernode" not in node.get("roles", []):
-                continue
-            for address in node.get("addresses", []):
-                if address.get("transport") == "udp":
-                    found.append(Supernode(node["node_id"], (address["host"], address["port"])))
-                    break
-        return found
+        return supernodes_in(listing)
 
     # ----------------------------------------------------------------- attaching
 
@@ -240,19 +320,43 @@ class Daemon:
         if preferred:
             fresh, probes = preferred, 1  # if it fails, it is avoided and others are probed
         self.attempts = {}
-        for node in fresh[:probes]:
-            session = OutboundSession(self.identity, node.node_id, now, config=self.config.channel)
-            self.attempts[node.address] = (node, session)
+        self._attach_started = now
+        chosen = fresh[:probes]
+        if self._ladder.udp:
+            for node in chosen:
+                self._try_link(DatagramLink(node, self._signal_sock), now)
+        # TCP, TLS and the proxy join in if UDP has not answered within a moment
+        self._ladder.climb(chosen, self.identity.ca, lambda link: self._try_link(link, time.time()))
+        if not self.attempts:  # no way to any supernode: try again in a moment, not in a loop
+            self._retry_at = now + 1.0
         self._pump(now)
+
+    def _try_link(self, link: Link, now: float) -> None:
+        assert self.identity is not None
+        node = link.node
+        channel = self.config.channel
+        if link.transport != "udp":
+            channel = stream_channel(channel)
+        session = OutboundSession(self.identity, node.node_id, now, config=channel)
+        self.attempts[link] = (node, session)
+        if isinstance(link, StreamLink):
+            log.info("trying supernode", supernode=node.node_id, transport=link.transport,
+                     address=link.where)  # fmt: skip
+            self._pump(now)
 
     def _established(self, node: Supernode, session: OutboundSession, now: float) -> None:
         self.current = (node, session)
-        for address, (_other, attempt) in self.attempts.items():
-            if attempt is not session and attempt.established:
+        for link, (_other, attempt) in self.attempts.items():
+            if attempt is session:
+                self.link = link
+            elif attempt.established:
                 attempt.send({"t": "bye"}, now, reliable=False)
-                self._send_signal_packets(attempt, address, now)
+                self._send_signal_packets(attempt, link, now)
         self.attempts = {}
-        log.info("attached", supernode=node.node_id, address=node.address,
+        self._ladder.settle(self.link)
+        assert self.link is not None
+        log.info("attached", supernode=node.node_id, transport=self.link.transport,
+                 address=self.link.where, attach_ms=round((now - self._attach_started) * 1000),
                  rtt_ms=None if session.rtt is None else round(session.rtt * 1000, 1))  # fmt: skip
         self._publish(now)
 
@@ -263,6 +367,9 @@ class Daemon:
         log.warning("supernode lost; re-attaching", supernode=node.node_id, reason=reason)
         self.avoid[node.node_id] = now + self.config.avoid_failed_for
         self.current = None
+        if self.link is not None:
+            self.link.close()
+            self.link = None
         self.reflexive = None
         self.published_seq = None
         self._attach(now)
@@ -286,31 +393,58 @@ class Daemon:
     def received(self, kind: str, data: bytes, source: Address) -> None:
         now = time.time()
         if kind == "media":
-            if self.call is not None and self.call.media is not None:
-                self.call.media.receive_untrusted(data, source, now)
+            if data[:1] in (b"\x00", b"\x01") and self._reflexive_answer(data):
+                return
+            paths = self.call.connectivity if self.call is not None else None
+            if paths is not None:
+                paths.received("udp", data, source)
             return
+        self._from_supernode(data, self._session_for(source), now)
+
+    def _from_supernode(self, data: bytes, session: OutboundSession | None, now: float) -> None:
         try:
             packet = wire.decode_untrusted(data)
         except wire.SessionPacketError:
             self.counters["malformed"] += 1
             return
-        session = self._session_for(source)
         if session is None:
             return
         for message in session.receive_untrusted(packet, now):
             self._message(message, now)
         self._pump(now)
 
+    def _stream_packet(self, link: StreamLink, data: bytes) -> None:
+        self._from_supernode(data, self._session_of(link), time.time())
+
+    def _stream_ended(self, link: StreamLink, reason: str) -> None:
+        """A TCP/TLS way closed: the current supernode is gone at once; an attempt just failed
+        (its session times out like an unanswered UDP one, while other rungs go on)."""
+        now = time.time()
+        if link is self.link and self.current is not None:
+            self._lost(reason, now)
+            self._pump(now)
+        elif link in self.attempts:
+            log.info("supernode attempt failed", supernode=link.node.node_id,
+                     transport=link.transport, address=link.where, reason=reason)  # fmt: skip
+
     def socket_error(self, kind: str, exc: Exception) -> None:
-        if kind == "signal" and self.current is not None:
+        if kind == "signal" and isinstance(self.link, DatagramLink) and self.current is not None:
             log.info("supernode unreachable", error=str(exc))
             self._lost(f"network error: {exc}", time.time())
             self._pump(time.time())
 
     def _session_for(self, source: Address) -> OutboundSession | None:
-        if self.current is not None and self.current[0].address == source:
+        """The session talking over UDP with `source` (stream links say who they are)."""
+        links = [self.link, *self.attempts] if self.current is not None else list(self.attempts)
+        for link in links:
+            if isinstance(link, DatagramLink) and link.node.address == source:
+                return self._session_of(link)
+        return None
+
+    def _session_of(self, link: Link) -> OutboundSession | None:
+        if link is self.link and self.current is not None:
             return self.current[1]
-        attempt = self.attempts.get(source)
+        attempt = self.attempts.get(link)
         return attempt[1] if attempt else None
 
     def _message(self, message: dict[str, Any], now: float) -> None:
@@ -332,18 +466,72 @@ class Daemon:
 
     # ----------------------------------------------------------------- calls
 
-    def _media_candidates(self) -> list[list[Any]]:
+    def _local_candidates(self) -> list[Candidate]:
+        """Host addresses of the media socket (loopback last) and its reflexive address."""
         assert self._media_sock is not None
-        if self.relay is not None:
-            if self.relay.connection is None:
-                raise LocalError("relay-only mode and no relay allocation yet; try again shortly")
-            return [list(self.relay.connection.relayed)]
         port = int(self._media_sock.get_extra_info("sockname")[1])
         hosts = []
         for addrs in psutil.net_if_addrs().values():
             hosts += [a.address for a in addrs if a.family == socket.AF_INET]
         hosts.sort(key=lambda h: h.startswith("127."))
-        return [[h, port] for h in dict.fromkeys(hosts)]
+        found = [Candidate.make("host", (h, port), 65535 - n)
+                 for n, h in enumerate(dict.fromkeys(hosts))]  # fmt: skip
+        reflexive = self.media_reflexive
+        # Behind a NAT that allocates in sequence the mapping a supernode saw is useless to a
+        # peer and sending to it would take a port the predicted candidates count on; behind a
+        # random one it is just as useless, but it tells address-filtering peers whom to expect.
+        sequential = self.nat is not None and self.nat.allocation == "sequential"
+        if reflexive is not None and not sequential and all(c.address != reflexive for c in found):
+            found.append(Candidate.make("srflx", reflexive))
+        return found
+
+    def _new_paths(self, controlling: bool, now: float) -> CallPaths:
+        """The connectivity of a new call, with its relay allocation already under way."""
+        assert self._media_sock is not None
+        if self.relay is not None and self.relay.connection is None:
+            raise LocalError("relay-only mode and no relay allocation yet; try again shortly")
+        config = PathsConfig(self.config.agent, relay_only=self.relay is not None)
+        paths: CallPaths
+
+        def trickle(items: list[dict[str, Any]]) -> None:
+            active = self.call
+            if active is None or active.connectivity is not paths:
+                return
+            if active.call.outgoing or active.call.state is CallState.ACTIVE:
+                active.call.trickle(items)  # (a callee's go in its answer, once accepted)
+                asyncio.get_running_loop().call_soon(self._fire)
+
+        servers = self._stun_servers()
+        paths = CallPaths(controlling, now, self._media_sock, self._local_candidates(), trickle,
+                          self._media_in, config, self._nat_hint(),
+                          servers[0] if servers else None)  # fmt: skip
+        if self.relay is not None:
+            paths.use_relay(self.relay, False, now)
+        elif self.config.call_relay:
+            proxy = ProxyConfig.parse(self.config.proxy) if self.config.proxy else None
+            relay = RelayPath(self.store, paths.relayed_data, "auto", proxy)
+            paths.use_relay(relay, True, now)
+        return paths
+
+    def _nat_hint(self) -> dict[str, Any] | None:
+        """What the peer needs to know of our NAT to pick a strategy (no addresses)."""
+        if self.nat is None or not self.nat.udp:
+            return None
+        report = self.nat.as_json()
+        hint = {k: report.get(k) for k in ("mapping", "filtering", "allocation", "delta")}
+        if self.nat.mapping != EIM and self.nat.public is not None:
+            hint["ip"] = self.nat.public[0]  # where a peer's birthday probes must aim
+        return hint
+
+    def _media_offer(self, paths: CallPaths) -> dict[str, Any]:
+        return {"candidates": [c.as_json() for c in paths.local], "nat": self._nat_hint()}
+
+    def _media_in(self, data: bytes, now: float) -> bool:
+        """False when there is no media session (yet) to take it."""
+        if self.call is None or self.call.media is None:
+            return False
+        self.call.media.receive_untrusted(data, now)
+        return True
 
     def _signal(self, message: dict[str, Any], now: float) -> None:
         body, sender, device = message.get("body"), message.get("from"), message.get("from_device")
@@ -355,6 +543,11 @@ class Daemon:
             return
         active = self.call
         if active is None or body.get("call_id") != active.call.call_id:
+            return
+        if body.get("type") == "candidates":
+            paths = active.connectivity
+            if paths is not None and active.call.peer_device in (None, device):
+                self.counters["bad_candidates"] += paths.add_remote(body.get("candidates"), now)
             return
         if active.call.peer_device in (None, device) or body.get("type") == "answer":
             active.call.signal_untrusted(device, body, now)
@@ -379,7 +572,10 @@ class Daemon:
             log.warning("invite refused", sender=sender, reason=str(exc))
             return
         source, sink = self._audio(self.config.play, self.config.record)
-        self.call = ActiveCall(call, now, source, sink, None)
+        paths = self._new_paths(False, now)
+        self.counters["bad_candidates"] += paths.add_remote(call.peer_media.get("candidates"), now)
+        paths.plan(call.peer_media.get("nat"), now)
+        self.call = ActiveCall(call, now, source, sink, None, connectivity=paths)
         self._pending_answer = answer
         log.info("incoming call", peer=sender, call=call.call_id)
         if self.config.auto_answer:
@@ -405,7 +601,9 @@ class Daemon:
     def _accept(self, now: float) -> None:
         if self.call is None or self.call.call.state is not CallState.INCOMING:
             return
-        self.call.call.accept(self._pending_answer, {"candidates": self._media_candidates()}, now)
+        paths = self.call.connectivity
+        media = {"candidates": []} if paths is None else self._media_offer(paths)
+        self.call.call.accept(self._pending_answer, media, now)
 
     def place_call(
         self, peer: str, play: Path | None, record: Path | None, duration: float | None
@@ -418,10 +616,11 @@ class Daemon:
             raise LocalError("not connected to any supernode yet; try again in a moment")
         if self.call is not None and self.call.call.state is not CallState.ENDED:
             raise LocalError("a call is already in progress; hang it up first")
+        paths = self._new_paths(True, now)
         source, sink = self._audio(play, self.config.record if record is None else record)
-        media = {"candidates": self._media_candidates()}
+        media = self._media_offer(paths)
         call = Call.place(self.identity, self.user, peer, media, now, self.config.call)
-        self.call = ActiveCall(call, now, source, sink, duration)
+        self.call = ActiveCall(call, now, source, sink, duration, connectivity=paths)
         log.info("calling", peer=peer, call=call.call_id)
         self._pump(now)
         return self.call
@@ -445,15 +644,15 @@ class Daemon:
     def _start_media(self, active: ActiveCall, now: float) -> None:
         call = active.call
         assert call.keys is not None
-        candidates = []
-        for item in call.peer_media.get("candidates", []):
-            if isinstance(item, list) and len(item) == 2:
-                candidates.append((str(item[0]), int(item[1])))
-        active.media = MediaSession(call.keys, candidates, active.source, active.sink, now,
-                                    self.config.media)  # fmt: skip
-        if self.relay is not None and self.relay.connection is not None:
-            for candidate in candidates:  # permissions, so the peer's media can reach us
-                self.relay.connection.add_peer(candidate)
+        assert active.connectivity is not None
+        active.media = MediaSession(call.keys, active.source, active.sink, now, self.config.media)
+        if call.outgoing:
+            self.counters["bad_candidates"] += active.connectivity.add_remote(
+                call.peer_media.get("candidates"), now
+            )
+            active.connectivity.plan(call.peer_media.get("nat"), now)
+        active.connectivity.set_keys(call.keys, now)
+        active.connectivity.pump(now)
         if active.duration is not None:
             active.hangup_at = now + active.duration
         elif isinstance(active.source, wav.WavSource) and call.outgoing:
@@ -474,15 +673,11 @@ class Daemon:
             # cut audio to catch up (a sound card consumes frames on that ideal clock too).
             now = wall_start + frames * step
             frames += 1
-            media = active.media
-            path = "direct" if self.relay is None else self.relay.label
-            if media.remote is not None and (not active.paths or active.paths[-1]["path"] != path):
-                active.paths.append(
-                    {"path": path, "at_ms": round((now - active.requested_at) * 1000)}
-                )
+            media, paths = active.media, active.connectivity
             media.tick(now)
-            for data, address in media.datagrams():
-                self._send_media(data, address)
+            for data in media.datagrams():
+                if paths is not None:
+                    paths.send_media(data, now)
             source = active.source
             if (active.hangup_at is None and active.duration is None and active.call.outgoing
                     and isinstance(source, wav.WavSource) and source.exhausted):  # fmt: skip
@@ -491,16 +686,11 @@ class Daemon:
             next_tick += step
             await asyncio.sleep(max(0.0, next_tick - loop.time()))
 
-    def _send_media(self, data: bytes, address: Address) -> None:
-        if self.relay is not None:
-            if self.relay.connection is not None:
-                self.relay.connection.send(data, address)
-        elif self._media_sock is not None:
-            self._media_sock.sendto(data, address)
-
     def _finish(self, active: ActiveCall) -> None:
         active.finished = True
         report = self.report(active)
+        if active.connectivity is not None:
+            self._spawn(active.connectivity.close())
         if active.sink is not None:
             active.sink.close()
             if isinstance(active.sink, wav.WavSink):
@@ -523,11 +713,14 @@ class Daemon:
         summary = media.summary() if media else {
             "rtt_ms": None, "loss": 0.0, "jitter_ms": 0.0, "bytes_sent": 0, "bytes_received": 0
         }  # fmt: skip
+        paths = active.connectivity
         return {
             "connected": call.connected_at is not None,
             "peer": call.peer,
-            "path": active.paths[-1]["path"] if active.paths else None,
-            "paths": active.paths,
+            "path": None if paths is None else paths.label,
+            # media path changes, each with `at_ms` after the call started on this side
+            "paths": [] if paths is None else paths.paths,
+            "checks": {} if paths is None else paths.agent.counters,
             "setup_ms": None if first is None else round((first - active.requested_at) * 1000),
             "duration_s": 0.0 if call.connected_at is None else round(end - call.connected_at, 2),
             **summary,
@@ -550,10 +743,13 @@ class Daemon:
             message["to_device"] = to_device
         self.current[1].send(message, now)
 
-    def _send_signal_packets(self, session: OutboundSession, address: Address, now: float) -> None:
-        if self._signal_sock is not None:
-            for data in session.datagrams(now):
-                self._signal_sock.sendto(data, address)
+    def _send_signal_packets(
+        self, session: OutboundSession, via: Link | Address, now: float
+    ) -> None:
+        """`via` is an attempt's link, or the current supernode's address: its link is used."""
+        link = via if isinstance(via, Link) else self.link
+        if link is not None:
+            link.send(session.datagrams(now))
 
     def _pump(self, now: float) -> None:
         """Run every core's timers and send everything they produced; then re-arm the timer."""
@@ -586,6 +782,8 @@ class Daemon:
     def _call_tick(self, now: float) -> None:
         if self.call is not None:
             self.call.call.handle_timer(now)
+            if self.call.connectivity is not None and not self.call.finished:
+                self.call.connectivity.pump(now)
             self._call_progress(now)
 
     def _arm(self, now: float) -> None:
@@ -594,6 +792,8 @@ class Daemon:
             times += [self.current[1].next_timer(), self._next_publish]
         if self.call is not None:
             times.append(self.call.call.next_timer())
+            if self.call.connectivity is not None and not self.call.finished:
+                times.append(self.call.connectivity.next_timer())
             if self.call.hangup_at is not None:
                 times.append(self.call.hangup_at)
         if not self.current and not self.attempts:
@@ -611,10 +811,12 @@ class Daemon:
     # ----------------------------------------------------------------- control API
 
     def status(self) -> dict[str, Any]:
-        call = None
+        call: dict[str, Any] | None = None
         if self.call is not None:
             call = {"peer": self.call.call.peer, "state": self.call.call.state.value,
                     "call_id": self.call.call.call_id}  # fmt: skip
+            if self.call.connectivity is not None:
+                call["connectivity"] = self.call.connectivity.status()
         supernode = None
         if self.current is not None:
             node, _session = self.current
@@ -623,11 +825,12 @@ class Daemon:
             "user": self.user,
             "device": self.device,
             "supernode": supernode,
-            "transport": "udp" if self.current is not None else None,
+            # how this daemon reaches its supernode: "udp", "tcp", "tls" or "proxy"
+            "transport": self.link.transport if self.current and self.link else None,
             "reflexive": list(self.reflexive) if self.reflexive else None,
             # findable by others: the index confirmed holding the current presence record
             "published": self.current is not None and self.published_seq is not None,
-            "nat": None,
+            "nat": None if self.nat is None else self.nat.as_json(),
             "relay": None if self.relay is None else self.relay.status(),
             "call": call,
             "counters": dict(self.counters),
@@ -694,10 +897,15 @@ class Daemon:
         if self.call is not None and self.call.call.state is not CallState.ENDED:
             self.call.call.hangup(now)
             self._call_progress(now)
+        if self.call is not None and self.call.connectivity is not None:
+            await self.call.connectivity.close()
         if self.current is not None:
             node, session = self.current
             session.send({"t": "bye"}, now, reliable=False)
             self._send_signal_packets(session, node.address, now)
+        self._ladder.settle(None)
+        if self.link is not None:
+            self.link.close()  # a stream still sends the bye it holds
         for task in list(self._tasks):
             task.cancel()
         if self._timer is not None:

@@ -2,6 +2,9 @@
 
 Login server, supernodes (each with its OpenDHT node) and user daemons are separate
 processes started with the real command line and killed for real; nothing is simulated.
+Where each process runs is one overridable decision (`Network.place`): here everything is on
+127.0.0.1 with ports the kernel picks; `lab.network.LabNetwork` runs the same processes inside
+the hosts of the NAT lab.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from punchline.auth import launcher
+from punchline.auth.server import READY_FILE
 from punchline.client import account, control
 from punchline.client.store import IdentityStore
 from punchline.errors import LocalError
@@ -69,6 +73,21 @@ class Supernode(Proc):
     node_id: str = ""
     dht_port: int = 0
     udp_port: int = 0
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one process of the network runs: behind which command prefix (`ip netns exec NS`
+    in the lab) and on which address and port it listens (0: the kernel picks)."""
+
+    prefix: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    @property
+    def listen(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 @dataclass
@@ -102,39 +121,56 @@ class Network:
     # The operator's enrolment secret of this throw-away network.
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(16))
 
+    def place(self, name: str) -> Placement:
+        """Where process `name` (auth, sn1, relay1, a user) runs: all on loopback here."""
+        return Placement()
+
     def start_auth(self, *extra: str) -> None:
-        args = ["--enroll-secret", self.secret, *extra]
-        self.auth = launcher.start(self.root / "auth", extra_args=args)
+        """The login server, spawned like every other process here (launcher.start's
+        ready-file handshake, but through `place`, so it can run inside a lab host)."""
+        data = self.root / "auth"
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        args = ["auth", "serve", "--data", str(data), "--listen", self.place("auth").listen,
+                "--enroll-secret", self.secret, *extra]  # fmt: skip
+        process, log = self._spawn("auth", args)
+        info = _wait_for(_ready_file(data / READY_FILE, process), 30, "login server", process)
+        self.auth = launcher.AuthProcess(data, process, info["url"], info["ca_fingerprint"],
+                                         log, args)  # fmt: skip
 
     def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.root / f"{name}.log"
         with open(log, "ab") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "punchline", *args], stdout=out, stderr=subprocess.STDOUT
-            )
+                [*self.place(name).prefix, sys.executable, "-m", "punchline", *args],
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         return process, log
 
     def start_supernode(self, *extra: str) -> Supernode:
         assert self.auth is not None
         name = f"sn{len(self.supernodes) + 1}"
         data = self.root / name
-        args = ["supernode", "--data", str(data), "--listen", "127.0.0.1:0", "--auth",
+        where = self.place(name)
+        args = ["supernode", "--data", str(data), "--listen", where.listen, "--auth",
                 self.auth.url, "--enroll-secret", self.secret, "--loopback-lab"]  # fmt: skip
         for other in self.supernodes:
-            args += ["--bootstrap", f"127.0.0.1:{other.dht_port}"]
+            args += ["--bootstrap", f"{other.host}:{other.dht_port}"]
         args += list(extra)
         process, log = self._spawn(name, args)
         info = _wait_for(_ready_file(data / "supernode.json", process), 30, name, process)
-        node = Supernode(name, process, log, info["node_id"], info["dht_port"], info["udp"][1])
+        node = Supernode(name, process, log, info["node_id"], info["dht_port"], info["udp"][1],
+                         where.host)  # fmt: skip
         self.supernodes.append(node)
         return node
 
     def start_relay(self, *extra: str) -> Relay:
-        """A relay node on loopback; peers on private addresses allowed (everything is local)."""
+        """A relay node; peers on private addresses allowed (loopback, and the lab's addresses
+        are all private or reserved to Python's `ipaddress`)."""
         assert self.auth is not None
         name = f"relay{len(self.relays) + 1}"
         data = self.root / name
-        args = ["relay", "--data", str(data), "--listen", "127.0.0.1:0", "--auth", self.auth.url,
+        args = ["relay", "--data", str(data), "--listen", self.place(name).listen, "--auth",
+                self.auth.url,
                 "--enroll-secret", self.secret, "--allow-private-peers", *extra]  # fmt: skip
         process, log = self._spawn(name, args)
         info = _wait_for(_ready_file(data / "relay.json", process), 30, name, process)
@@ -148,13 +184,17 @@ class Network:
         password = secrets.token_urlsafe(16)
         return account.signup(IdentityStore(self.root / user), self.auth.url, user, password)
 
-    def start_daemon(self, user: str, *extra: str) -> Proc:
-        data = self.root / user
-        process, log = self._spawn(user, ["up", "--data", str(data), *extra])
+    def spawn_daemon(self, user: str, *extra: str) -> Proc:
+        """Start `user`'s daemon without waiting for it to come online (see `start_daemon`)."""
+        process, log = self._spawn(user, ["up", "--data", str(self.root / user), *extra])
         proc = Proc(user, process, log)
         self.daemons[user] = proc
+        return proc
+
+    def start_daemon(self, user: str, *extra: str) -> Proc:
+        proc = self.spawn_daemon(user, *extra)
         # online means findable: attached, and the index holds the presence record
-        _wait_for(lambda: self.status(user).get("published"), 30, f"daemon {user}", process)
+        _wait_for(lambda: self.status(user).get("published"), 30, f"daemon {user}", proc.process)
         return proc
 
     def status(self, user: str) -> dict[str, Any]:
@@ -170,9 +210,14 @@ class Network:
         except (control.DaemonNotRunning, OSError):
             return {}
 
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 60, on: str | None = None, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """The punchline CLI, where process `on` runs (default: here; the daemons' control
+        sockets are files, reachable from any network namespace)."""
+        prefix = self.place(on).prefix if on is not None else ()
         return subprocess.run(
-            [sys.executable, "-m", "punchline", *args],
+            [*prefix, sys.executable, "-m", "punchline", *args], input=stdin,
             capture_output=True, text=True, check=False, timeout=timeout,
         )  # fmt: skip
 
@@ -193,9 +238,15 @@ class Network:
 
 
 def call_with_sample(
-    net: Network, caller: str, callee: str, recording: Path, *extra: str
+    net: Network,
+    caller: str,
+    callee: str,
+    recording: Path,
+    *extra: str,
+    sample: Path | None = None,
 ) -> dict[str, Any]:
-    """`caller` calls `callee` playing the shipped speech sample; waits for the recording.
+    """`caller` calls `callee` playing `sample` (default: the shipped speech sample); waits
+    for the recording.
 
     The callee's daemon writes its recording when it learns of the hang-up, a moment after the
     caller's report: wait for that so the file is complete.
@@ -203,8 +254,9 @@ def call_with_sample(
     from punchline.voice import wav
 
     recording.unlink(missing_ok=True)
-    result = net.cli("call", callee, "--data", str(net.root / caller), "--play",
-                     str(wav.speech_sample()), "--json", *extra, timeout=120)  # fmt: skip
+    played = sample or wav.speech_sample()
+    result = net.cli("call", callee, "--data", str(net.root / caller), "--play", str(played),
+                     "--json", *extra, timeout=120)  # fmt: skip
     if result.returncode not in (0, 1) or not result.stdout.strip():
         raise NotReady(f"the call failed: {result.stderr.strip()}\n{net.logs()}")
     report: dict[str, Any] = json.loads(result.stdout)
@@ -217,11 +269,13 @@ def call_with_sample(
     return report
 
 
-def pesq_of_recording(recording: Path) -> float:
-    """Wideband PESQ of a recording of the shipped speech sample against the original."""
+def pesq_of_recording(recording: Path, sample: Path | None = None) -> float:
+    """Wideband PESQ of a recording of `sample` (default: the shipped speech sample) against
+    the original."""
     from punchline.voice import quality, wav
 
-    return quality.pesq_wb(wav.read_wav(wav.speech_sample()), wav.read_wav(recording))
+    original = wav.read_wav(sample or wav.speech_sample())
+    return quality.pesq_wb(original, wav.read_wav(recording))
 
 
 class SupernodeKiller(threading.Thread):

@@ -14,6 +14,9 @@ choose ports and what unsolicited traffic may enter):
   random port for each destination.
 - symmetric-seq: address-and-port-dependent mapping with sequential ports: `snat to WAN :
   numgen inc mod N map {0 : 20000, ...}`, the next port (delta 1) for each new mapping.
+- upnp: port-restricted, with miniupnpd on the router granting inbound mappings on request
+  (UPnP-IGD, NAT-PMP and PCP): its DNAT rules live in a table of their own (`inet miniupnpd`,
+  below), so our ruleset and the daemon's rules never touch each other.
 - udp-blocked: masquerade, and every UDP packet from the LAN dropped.
 - tcp-web-only: only TCP to ports 80 and 443 leaves the LAN.
 
@@ -30,6 +33,7 @@ KINDS = (
     "full-cone",
     "restricted-cone",
     "port-restricted",
+    "upnp",
     "symmetric",
     "symmetric-seq",
     "udp-blocked",
@@ -38,6 +42,8 @@ KINDS = (
     "double",
 )
 PROXY_PORT = 8888
+IGD_TABLE = "miniupnpd"  # miniupnpd's nftables table (family inet), apart from ours
+IGD_STUN_PORT = 34780  # the router's own STUN responder for miniupnpd, on its WAN address
 ORDER = ("endpoint-independent", "address-dependent", "address-and-port-dependent")
 SEQ_PORT_BASE = 20000
 # Ports handed out in turn before wrapping. numgen's raw value is in host byte order, so used
@@ -71,6 +77,8 @@ EXPECTED = {
     "port-restricted": Expected(
         True, "endpoint-independent", "address-and-port-dependent", "preserving"
     ),
+    # Port-restricted until a LAN host asks for a mapping (tests/lab/test_portmap.py).
+    "upnp": Expected(True, "endpoint-independent", "address-and-port-dependent", "preserving"),
     "symmetric": Expected(
         True, "address-and-port-dependent", "address-and-port-dependent", "random"
     ),
@@ -91,6 +99,8 @@ def parse_double(kind: str) -> tuple[str, str]:
     for part in (inner, outer):
         if part not in EXPECTED or part in ("open", "proxy-only"):
             raise ValueError(f"{kind!r}: each side of a double NAT must be a NAT kind")
+    if outer == "upnp":  # its clients would be home routers, not hosts
+        raise ValueError(f"{kind!r}: a carrier NAT does not offer port mapping")
     return inner, outer
 
 
@@ -127,6 +137,45 @@ def tinyproxy_config(listen: str, allow: str, workdir: str, auth: tuple[str, str
     if auth is not None:
         lines.append(f"BasicAuth {auth[0]} {auth[1]}")
     return "\n".join(lines) + "\n"
+
+
+def miniupnpd_config(lan_net: str, wan_ip: str, uuid: str) -> str:
+    """miniupnpd on a `upnp` router: UPnP-IGD, NAT-PMP and PCP for LAN hosts, each host
+    mapping only to itself (secure mode), unprivileged ports only.
+
+    miniupnpd refuses to map when its WAN address is reserved (it would be behind another
+    NAT), and the lab's public network is TEST-NET-3 (203.0.113.0/24), which it counts as
+    reserved. Its STUN mode skips that check when four STUN answers show no NAT in front, so
+    the router answers miniupnpd's STUN itself on its WAN address (`punchline.lab.igd`): in the
+    lab that address really is the public one.
+    """
+    lines = [
+        "ext_ifname=wan", "listening_ip=lan", "http_port=0",
+        "enable_upnp=yes", "enable_natpmp=yes",  # NAT-PMP and PCP share the switch
+        "secure_mode=yes", "system_uptime=no", f"uuid={uuid}",
+        "min_lifetime=2",  # PCP's floor (default 120 s): lets tests watch renewals happen
+        f"upnp_table_name={IGD_TABLE}", f"upnp_nat_table_name={IGD_TABLE}",
+        "ext_perform_stun=yes", f"ext_stun_host={wan_ip}", f"ext_stun_port={IGD_STUN_PORT}",
+        f"allow 1024-65535 {lan_net} 1024-65535", "deny 0-65535 0.0.0.0/0 0-65535",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _igd_tables() -> str:
+    """The chains miniupnpd fills (it expects them to exist), hooked in beside ours: its DNAT
+    rules admit the mapped ports, its filter chain accepts what they let in."""
+    return (
+        f"table inet {IGD_TABLE} {{\n"
+        "  chain miniupnpd { }\n"
+        "  chain prerouting_miniupnpd { }\n"
+        "  chain postrouting_miniupnpd { }\n"
+        "  chain forward { type filter hook forward priority filter; jump miniupnpd; }\n"
+        "  chain prerouting { type nat hook prerouting priority dstnat; "
+        "jump prerouting_miniupnpd; }\n"
+        "  chain postrouting { type nat hook postrouting priority srcnat; "
+        "jump postrouting_miniupnpd; }\n"
+        "}\n"
+    )
 
 
 @dataclass(frozen=True)
@@ -186,13 +235,21 @@ def ruleset(plan: RouterPlan) -> str:
         ]
     elif plan.kind == "proxy-only":
         forward.append(f'iifname "{lan}" drop')  # the proxy on the router is the only way out
-    elif plan.kind != "port-restricted":
+    elif plan.kind not in ("port-restricted", "upnp"):
         raise ValueError(f"no router ruleset for NAT kind {plan.kind!r}")
 
     if plan.hairpin:
         pre.insert(0, f'iifname "{lan}" ip daddr {wan_ip} udp dport 1024-65535 dnat to {host}')
         post.insert(0, f'oifname "{lan}" ip saddr {plan.lan_net} ip daddr {plan.lan_net} '
                        f"snat to {wan_ip}")  # fmt: skip
+
+    # Like any home router's firewall, nothing from the Internet reaches the router itself
+    # unasked. Without it, a peer's punch arriving before ours leaves a conntrack entry that
+    # makes masquerade move our mapping to another port: Linux NAT's "collision" trap.
+    router_input = [
+        f'iifname "{wan}" ct state established,related accept',
+        f'iifname "{wan}" drop',
+    ]
 
     def chain(name: str, hook: str, lines: list[str]) -> str:
         body = "".join(f"    {line}\n" for line in lines)
@@ -205,5 +262,7 @@ def ruleset(plan: RouterPlan) -> str:
         + chain("nat_pre", "nat hook prerouting priority dstnat", pre)
         + chain("nat_post", "nat hook postrouting priority srcnat", post)
         + chain("filter_forward", "filter hook forward priority filter", forward)
+        + chain("filter_input", "filter hook input priority filter", router_input)
         + "}\n"
+        + (_igd_tables() if plan.kind == "upnp" else "")
     )

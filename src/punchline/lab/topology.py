@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ class Lab:
         self.impairment_method: str | None = None
         self._old_sigterm: Any = None
         self._dirs: list[Path] = []
+        # namespace -> (address, MAC) of each interface on the Internet bridge
+        self._wan: dict[str, tuple[str, str]] = {}
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -116,6 +119,23 @@ class Lab:
         self._link(self.internet, port, ns, "wan", impairment)
         netns.ns_run(self.internet, ["ip", "link", "set", port, "master", "br0"])
         netns.address(ns, "wan", f"{ip}/24")
+        self._neighbours(ns, ip)
+
+    def _neighbours(self, ns: str, ip: str) -> None:
+        """Permanent ARP entries between every pair of Internet-side interfaces.
+
+        Why: the lab's Internet is one flat Ethernet, so the first packet between two sites
+        would wait for an ARP round trip through both (delayed) uplinks, 100 ms at 25 ms each
+        way, that no real path has (a router's only neighbour is its ISP's gateway, always
+        known). Connection set-up times measured here would carry that artefact.
+        """
+        mac = netns.ns_run(ns, ["cat", "/sys/class/net/wan/address"]).strip()
+        for other_ns, (other_ip, other_mac) in self._wan.items():
+            netns.ns_run(ns, ["ip", "neigh", "replace", other_ip, "lladdr", other_mac,
+                              "dev", "wan", "nud", "permanent"])  # fmt: skip
+            netns.ns_run(other_ns, ["ip", "neigh", "replace", ip, "lladdr", mac, "dev", "wan",
+                                    "nud", "permanent"])  # fmt: skip
+        self._wan[ns] = (ip, mac)
 
     def _link(
         self, a_ns: str, a_name: str, b_ns: str, b_name: str, impairment: Impairment | None
@@ -209,6 +229,8 @@ class Lab:
             site.proxy = (f"10.{index}.0.1", nat_types.PROXY_PORT)
             site.proxy_auth = proxy_auth
             self._start_proxy(home, f"10.{index}.0", proxy_auth)
+        if inner_kind == "upnp":
+            self._start_igd(home, f"10.{index}.0.0/24", home_wan)
         self.sites[name] = site
         return site
 
@@ -275,6 +297,43 @@ class Lab:
                 break
             time.sleep(0.05)
         raise LabError("tinyproxy did not start on the proxy-only site's router")
+
+    def _start_igd(self, router: str, lan_net: str, wan_ip: str) -> None:
+        """miniupnpd on a `upnp` router (UPnP-IGD, NAT-PMP, PCP on the LAN side), with the
+        STUN responder it needs to believe its TEST-NET address (`nat_types.miniupnpd_config`
+        says why)."""
+        workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}igd-"))
+        self._dirs.append(workdir)
+        stun = subprocess.Popen(
+            netns.in_ns(router, [sys.executable, "-m", "punchline.lab.igd", "--listen", wan_ip,
+                                 "--port", str(nat_types.IGD_STUN_PORT)]),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self._processes.append(stun)
+        assert stun.stdout is not None
+        if not stun.stdout.readline():
+            raise LabError("the STUN responder for miniupnpd did not start")
+        config = workdir / "miniupnpd.conf"
+        config.write_text(nat_types.miniupnpd_config(lan_net, wan_ip, str(uuid.uuid4())))
+        with (workdir / "miniupnpd.log").open("wb") as log:
+            daemon = subprocess.Popen(
+                netns.in_ns(router, [shutil.which("miniupnpd") or "/usr/sbin/miniupnpd",
+                                     "-d", "-f", str(config),
+                                     "-P", str(workdir / "miniupnpd.pid")]),
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self._processes.append(daemon)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # NAT-PMP/PCP listen after the STUN verdict
+            if netns.ns_run(router, ["ss", "-Hlun", "sport = :5351"]).strip():
+                break
+            if daemon.poll() is not None:
+                break
+            time.sleep(0.05)
+        detail = (workdir / "miniupnpd.log").read_text(errors="replace")
+        if daemon.poll() is None and "Port forwarding is now enabled" in detail:
+            return
+        raise LabError(f"miniupnpd did not start mapping on the upnp router: {detail[-600:]}")
 
     # ----------------------------------------------------------------- running things
 

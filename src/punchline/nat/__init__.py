@@ -1,3 +1,5 @@
 """NAT traversal helpers on our side of the wire: answering STUN Binding requests so clients
-learn their reflexive address, and (later) classifying NAT mapping and filtering behaviour
-(RFC 4787, RFC 5780). Everything here is sans-I/O: bytes in, bytes out."""
+learn their reflexive address, with the RFC 5780 behaviour tests (`stun_server`,
+`stun_service`), and classifying NAT mapping, filtering, port allocation, hairpinning and
+mapping lifetime (`discovery`, sans-I/O; `discover`, its asyncio runner and the daemon's
+monitor; `netcheck`, the reachability report)."""

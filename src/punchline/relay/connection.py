@@ -17,19 +17,15 @@ deciding whether their network or the relay is at fault.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import os
-import socket
 import ssl
-import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import structlog
 
-from punchline.errors import LocalError, RemoteError
+from punchline.errors import LocalError
 from punchline.relay.turn_client import (
     Allocated,
     AllocationFailed,
@@ -38,13 +34,29 @@ from punchline.relay.turn_client import (
     PeerData,
     TurnClient,
 )
+from punchline.runtime.streams import (
+    ProxyConfig,
+    StreamUnavailable,
+    explain,
+    hostport,
+    open_stream,
+    os_reason,
+)
 from punchline.wire.channel_data import StreamDecoder
 from punchline.wire.stun import StunError
+
+__all__ = [
+    "DataCallback",
+    "ProxyConfig",  # from runtime.streams, where the daemon's supernode link shares it
+    "RelayServer",
+    "RelayUnavailable",
+    "TurnConnection",
+    "open_turn",
+]
 
 log = structlog.get_logger(component="turn")
 
 TRANSPORTS = ("udp", "tcp", "tls")
-MAX_PROXY_HEAD = 8192  # a CONNECT answer longer than this is not one we want to parse
 CLOSE_TIMEOUT = 2.0  # how long close() waits for the server to confirm the release
 MAX_WRITE_BUFFER = 256 * 1024  # queued stream bytes beyond which media is dropped, not buffered
 READ_CHUNK = 65536
@@ -52,16 +64,12 @@ READ_CHUNK = 65536
 DataCallback = Callable[[bytes, Peer], None]
 
 
-class RelayUnavailable(RemoteError):
+class RelayUnavailable(StreamUnavailable):
     """No allocation on this relay: unreachable, refused, timed out, or the proxy said no.
 
     `code` is the STUN error code (401, 486, 508, ...) or the proxy's HTTP status, when there
     was one.
     """
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -80,56 +88,7 @@ class RelayServer:
             raise LocalError(f"TURN server port {self.port} is not 1-65535")
 
     def __str__(self) -> str:
-        return f"{_hostport(self.host, self.port)} over {self.transport}"
-
-
-@dataclass(frozen=True)
-class ProxyConfig:
-    """An HTTP proxy that allows CONNECT, with optional Basic credentials."""
-
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-    @classmethod
-    def parse(cls, url: str) -> ProxyConfig:
-        """`http://[user:pass@]host:port`, as found in HTTPS_PROXY or a user's settings."""
-        try:
-            parts = urllib.parse.urlsplit(url)
-            port = parts.port
-        except ValueError as exc:
-            raise LocalError(f"proxy URL {url!r} is not valid: {exc}") from exc
-        if parts.scheme != "http":
-            raise LocalError(f"proxy URL {url!r} must start with http:// (an HTTP CONNECT proxy)")
-        if not parts.hostname or port is None:
-            raise LocalError(f"proxy URL {url!r} must name a host and a port: http://host:port")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise LocalError(f"proxy URL {url!r} must not have a path, query or fragment")
-        username = None if parts.username is None else urllib.parse.unquote(parts.username)
-        password = None if parts.password is None else urllib.parse.unquote(parts.password)
-        return cls(parts.hostname, port, username, password)
-
-    def authorization(self) -> str | None:
-        """The Proxy-Authorization value (Basic, RFC 7617), or None without credentials."""
-        if self.username is None:
-            return None
-        token = f"{self.username}:{self.password or ''}".encode()
-        return "Basic " + base64.b64encode(token).decode("ascii")
-
-    def __str__(self) -> str:
-        return _hostport(self.host, self.port)
-
-
-def _os_reason(exc: OSError) -> str:
-    """A reason like "Connection refused", not asyncio's "Connect call failed (addr)"."""
-    if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
-        return str(exc.strerror or exc)
-    return os.strerror(exc.errno)
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return f"{hostport(self.host, self.port)} over {self.transport}"
 
 
 class _Link(Protocol):
@@ -209,7 +168,7 @@ class TurnConnection:
         self._adapter_counters["icmp_errors"] += 1
         if not self._allocated.done():  # later ICMP errors may be transient or spoofed
             self._allocated.set_exception(
-                RelayUnavailable(f"nothing answers there ({_os_reason(exc)})")
+                RelayUnavailable(f"nothing answers there ({os_reason(exc)})")
             )
 
     def _pump(self) -> None:
@@ -374,23 +333,13 @@ async def open_turn(
     except TimeoutError:
         conn._shutdown("timeout")
         raise RelayUnavailable(f"{where}: no allocation within {timeout:g} s") from None
-    except RelayUnavailable as exc:
-        conn._shutdown(str(exc))
-        raise RelayUnavailable(f"{where}: {exc}", exc.code) from None
-    except ssl.SSLCertVerificationError as exc:
-        conn._shutdown("tls")
-        raise RelayUnavailable(
-            f"{where}: its TLS certificate does not verify ({exc.verify_message})"
-        ) from exc
-    except ssl.SSLError as exc:
-        conn._shutdown("tls")
-        raise RelayUnavailable(f"{where}: TLS handshake failed ({exc.reason or exc})") from exc
-    except OSError as exc:
-        conn._shutdown("unreachable")
-        raise RelayUnavailable(f"{where}: cannot connect ({_os_reason(exc)})") from exc
-    except BaseException:
-        conn._shutdown("cancelled")
-        raise
+    except BaseException as exc:
+        failure = explain(exc)
+        if failure is None:
+            conn._shutdown("cancelled")
+            raise
+        conn._shutdown(str(failure))
+        raise RelayUnavailable(f"{where}: {failure}", failure.code) from exc
     return conn
 
 
@@ -409,61 +358,7 @@ async def _connect(
     context = None
     if server.transport == "tls":
         context = ssl_context if ssl_context is not None else ssl.create_default_context()
-    hostname = server.server_hostname or server.host
-    if proxy is None:
-        reader, writer = await asyncio.open_connection(
-            server.host,
-            server.port,
-            ssl=context,
-            server_hostname=hostname if context is not None else None,
-        )
-        return _StreamLink(reader, writer, conn)
-    try:
-        reader, writer = await asyncio.open_connection(proxy.host, proxy.port, limit=MAX_PROXY_HEAD)
-    except OSError as exc:
-        raise RelayUnavailable(f"cannot connect to the proxy ({_os_reason(exc)})") from exc
-    try:
-        await _proxy_connect(reader, writer, proxy, server)
-        if context is not None:
-            await writer.start_tls(context, server_hostname=hostname)
-    except BaseException:
-        writer.close()
-        raise
+    reader, writer = await open_stream(
+        server.host, server.port, tls=context, server_hostname=server.server_hostname, proxy=proxy
+    )
     return _StreamLink(reader, writer, conn)
-
-
-async def _proxy_connect(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    proxy: ProxyConfig,
-    server: RelayServer,
-) -> None:
-    """Ask the proxy for a tunnel to the server; return once it answered 2xx."""
-    target = _hostport(server.host, server.port)
-    lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
-    authorization = proxy.authorization()
-    if authorization is not None:
-        lines.append(f"Proxy-Authorization: {authorization}")
-    try:
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
-    except UnicodeEncodeError as exc:
-        raise LocalError("proxy host names and credentials must be ASCII") from exc
-    writer.write(request)
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError:
-        raise RelayUnavailable("the proxy closed the connection instead of answering") from None
-    except asyncio.LimitOverrunError:
-        raise RelayUnavailable(
-            f"the proxy's answer is longer than {MAX_PROXY_HEAD} bytes"
-        ) from None
-    status_line = head.split(b"\r\n", 1)[0].decode("latin-1").strip()
-    version, _, rest = status_line.partition(" ")
-    code_text = rest[:3]
-    if not version.startswith("HTTP/") or not code_text.isdigit():
-        raise RelayUnavailable(f"the proxy did not answer in HTTP: {status_line[:80]!r}")
-    code = int(code_text)
-    if not 200 <= code < 300:
-        # 407 is the proxy's "who are you"; tinyproxy answers wrong credentials with 401
-        hint = " (proxy credentials missing or wrong)" if code in (401, 407) else ""
-        raise RelayUnavailable(f"the proxy refused the tunnel: {status_line[:200]}{hint}", code)

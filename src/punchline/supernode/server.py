@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -15,11 +16,14 @@ import structlog
 
 from punchline.client.store import IdentityStore
 from punchline.identity import certs, keys
+from punchline.nat.discover import stun_servers
+from punchline.nat.stun_service import StunService
 from punchline.node import lifecycle
 from punchline.node.enrolment import NodeAddress
 from punchline.overlay.dht import DhtConfig, DhtIndex
 from punchline.overlay.index import PresenceIndex
 from punchline.relay.server import RelayServer, RelayServerConfig
+from punchline.runtime import streams
 from punchline.runtime.driver import Driver
 from punchline.session.outbound import Identity
 from punchline.supernode.core import CoreConfig, Lookup, Publish, Route, SupernodeCore
@@ -38,7 +42,8 @@ class SupernodeConfig:
     listen_host: str
     listen_port: int
     auth_url: str
-    # Extra TCP ports that speak TLS with the node certificate (443 and 80 in production).
+    # Extra TCP ports (443 and 80 in production), each serving session TCP and TLS with the
+    # node certificate, told apart by the client's first byte.
     tcp_ports: tuple[int, ...] = ()
     # The DHT node's UDP port; 0 picks one. Advertised in the bootstrap list.
     dht_port: int = 0
@@ -71,13 +76,14 @@ class SupernodeServer:
         self.store = IdentityStore(config.data_dir)
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: dict[str, asyncio.StreamWriter] = {}
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._conn_ids = 0
         self.index: PresenceIndex | None = None
         self.core: SupernodeCore | None = None
         self.driver: Driver | None = None
         self.relay: RelayServer | None = None
+        self.stun = StunService()
 
     # ----------------------------------------------------------------- start-up
 
@@ -85,8 +91,12 @@ class SupernodeServer:
         host = self.config.advertise_host or self.config.listen_host
         if host in ("0.0.0.0", ""):  # noqa: S104
             host = "127.0.0.1"
-        found = [NodeAddress("udp", host, udp_port), NodeAddress("tcp", host, udp_port)]
-        found += [NodeAddress("tls", host, p) for p in self.config.tcp_ports]
+        # Clients try stream addresses in the listed order: the ports a web-only firewall lets
+        # out (443, then 80) first, plain TCP before TLS (each --tcp-port serves both).
+        web = sorted(self.config.tcp_ports, key=streams.web_order)
+        found = [NodeAddress("udp", host, udp_port)]
+        found += [NodeAddress("tcp", host, p) for p in [*web, udp_port]]
+        found += [NodeAddress("tls", host, p) for p in web]
         found.append(NodeAddress("dht", host, dht_port))
         return found
 
@@ -97,6 +107,7 @@ class SupernodeServer:
         transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp_sock)
         self._udp = transport
         udp_port = int(transport.get_extra_info("sockname")[1])
+        await self.stun.open(transport)
         dht = DhtIndex(
             DhtConfig(
                 bind_host=self.config.listen_host,
@@ -122,12 +133,12 @@ class SupernodeServer:
         node_id = keys.key_id(identity.key.public_key())
         self.core = SupernodeCore(identity, node_id, time.time(), self.config.core, self._stun())
         self.driver = Driver(self.core, self._flush)
-        self._servers.append(await asyncio.start_server(self._tcp_client, sock=tcp_sock))
         tls = lifecycle.tls_context(self.store)
+        self._listeners.append(tcp_sock)
         for port in self.config.tcp_ports:
-            self._servers.append(
-                await asyncio.start_server(self._tcp_client, self.config.listen_host, port, ssl=tls)
-            )
+            self._listeners.append(sockets.tcp_listener(self.config.listen_host, port))
+        for listener in self._listeners:  # each serves plain TCP and TLS, told by the first byte
+            self._spawn(streams.serve_plain_and_tls(listener, tls, self._tcp_client))
         self._spawn(lifecycle.heartbeats(self.store, addresses, self.config.heartbeat_interval,
                                          certs.Role.SUPERNODE, self._listing,
                                          self._renewed))  # fmt: skip
@@ -136,7 +147,7 @@ class SupernodeServer:
             "pid": os.getpid(),
             "udp": [a.host for a in addresses if a.transport == "udp"] + [udp_port],
             "dht_port": dht.port,
-            "tls_ports": list(self.config.tcp_ports),
+            "tls_ports": list(self.config.tcp_ports),  # plain TCP too
             "relay": None
             if self.relay is None
             else {"udp": self.relay.udp_port, "health_port": self.relay.health_port},
@@ -146,15 +157,10 @@ class SupernodeServer:
                  tls=list(self.config.tcp_ports))  # fmt: skip
 
     def _stun(self) -> Any:
-        try:
-            from punchline.nat.stun_server import BindingResponder
-        except ImportError:
-            return None
-        responder = BindingResponder()
+        """STUN on the session port, with RFC 5780 behaviour tests (nat.stun_service)."""
 
         def answer(data: bytes, route: Route) -> bytes | None:
-            host, port = self._udp.get_extra_info("sockname")[:2] if self._udp else ("", 0)
-            return responder.handle_untrusted(data, route[1], (host, port))
+            return self.stun.answer(data, route[1], stream=route[0] != "udp")
 
         return answer
 
@@ -205,11 +211,14 @@ class SupernodeServer:
         self.core.lookup_done(action.ref, records, time.time())
         self.driver.poke()
 
-    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _tcp_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, transport: str
+    ) -> None:
         self._conn_ids += 1
         name = f"tcp:{self._conn_ids}"
         peer = writer.get_extra_info("peername")
         route: Route = (name, (str(peer[0]), int(peer[1])))
+        log.debug("stream client connected", peer=route[1], transport=transport)
         self._tcp[name] = writer
         decoder = wire.FrameDecoder()
         try:
@@ -217,13 +226,16 @@ class SupernodeServer:
                 for frame in decoder.feed(data):
                     self.received(frame, route)
         except (ConnectionError, wire.SessionPacketError, ssl.SSLError) as exc:
-            log.info("tcp client dropped", peer=route[1], reason=str(exc))
+            log.info("stream client dropped", peer=route[1], transport=transport, reason=str(exc))
         finally:
             self._tcp.pop(name, None)
             writer.close()
 
     def _listing(self, listing: dict[str, Any]) -> None:
         self._bootstrap_dht(listing)
+        own = self.core.node_id if self.core is not None else None
+        peers = stun_servers(listing, ("supernode",))
+        self.stun.set_peers(s.address for s in peers if s.name != own)  # for change-IP
         if self.relay is not None:
             self.relay.load_secret()
 
@@ -253,8 +265,9 @@ class SupernodeServer:
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        for server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            listener.close()
+        self.stun.close()
         if self._udp is not None:
             self._udp.close()
         if self.driver is not None:
