@@ -87,7 +87,7 @@ def matrix(
     runs: Annotated[int, typer.Option(min=1, help="Calls per (caller, callee) pair.")] = 1,
     seconds: Annotated[
         float, typer.Option(min=1.0, help="Seconds of the speech sample each call plays.")
-    ] = 4.0,
+    ] = 6.0,
     workdir: Annotated[
         Path | None, typer.Option(help="Keep state, logs and recordings here [default: temp].")
     ] = None,

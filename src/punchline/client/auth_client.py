@@ -60,13 +60,24 @@ def fetch_ca_unverified(url: str, timeout: float = 10.0) -> x509.Certificate:
         raise RemoteError(f"{url} does not look like a punchline login server") from exc
 
 
+# The HTTP CONNECT proxy this process reaches the login server through (`punchline up
+# --proxy`); like HTTPS_PROXY, which httpx honours too, it is a setting of the whole process.
+_proxy: str | None = None
+
+
+def use_proxy(url: str | None) -> None:
+    global _proxy  # noqa: PLW0603 - one process, one way out
+    _proxy = url
+
+
 class AuthClient:
     def __init__(self, url: str, ca: x509.Certificate, timeout: float = 10.0) -> None:
         self.url = _check_url(url)
         self.ca = ca
         context = ssl.create_default_context(cadata=certs.to_pem(ca))
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._http = httpx.Client(base_url=self.url, verify=context, timeout=timeout)
+        self._http = httpx.Client(base_url=self.url, verify=context, timeout=timeout,
+                                  proxy=_proxy)  # fmt: skip
 
     def __enter__(self) -> AuthClient:
         return self

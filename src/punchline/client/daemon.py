@@ -25,7 +25,7 @@ import structlog
 
 from punchline.call.media import Address, MediaConfig, MediaSession
 from punchline.call.signaling import Call, CallConfig, CallState
-from punchline.client import account, control
+from punchline.client import account, auth_client, control
 from punchline.client.call_paths import CallPaths, PathsConfig
 from punchline.client.relay_path import RelayPath
 from punchline.client.store import IdentityStore
@@ -182,6 +182,7 @@ class Daemon:
             await self.stop()
 
     async def start(self) -> None:
+        auth_client.use_proxy(self.config.proxy)
         try:
             freshness = await asyncio.to_thread(account.ensure_fresh, self.store, time.time())
         except certs.CertificateExpired as exc:
@@ -359,6 +360,20 @@ class Daemon:
                  address=self.link.where, attach_ms=round((now - self._attach_started) * 1000),
                  rtt_ms=None if session.rtt is None else round(session.rtt * 1000, 1))  # fmt: skip
         self._publish(now)
+        if self.link.transport != "udp" and self.relay is None:
+            self._standing_relay(self.link.transport)
+
+    def _standing_relay(self, rung: str) -> None:
+        """No UDP from here (the supernode only answered over a stream): every call will need
+        a relay, so hold one from now on, over the rung that worked, and calls start at once."""
+        proxy = self._proxy()
+        self.relay = RelayPath(self.store, self._relayed_data, "auto", proxy,
+                               start=rung if rung != "proxy" or proxy else "tls")  # fmt: skip
+        log.info("no UDP to the supernodes: holding a relay allocation", rung=rung)
+        self._spawn(self._keep_relay(self.relay))
+
+    def _proxy(self) -> ProxyConfig | None:
+        return ProxyConfig.parse(self.config.proxy) if self.config.proxy else None
 
     def _lost(self, reason: str, now: float) -> None:
         if self.current is None:
@@ -488,9 +503,10 @@ class Daemon:
     def _new_paths(self, controlling: bool, now: float) -> CallPaths:
         """The connectivity of a new call, with its relay allocation already under way."""
         assert self._media_sock is not None
-        if self.relay is not None and self.relay.connection is None:
+        standing = self.relay
+        if self.config.relay_only and (standing is None or standing.connection is None):
             raise LocalError("relay-only mode and no relay allocation yet; try again shortly")
-        config = PathsConfig(self.config.agent, relay_only=self.relay is not None)
+        config = PathsConfig(self.config.agent, relay_only=self.config.relay_only)
         paths: CallPaths
 
         def trickle(items: list[dict[str, Any]]) -> None:
@@ -505,11 +521,11 @@ class Daemon:
         paths = CallPaths(controlling, now, self._media_sock, self._local_candidates(), trickle,
                           self._media_in, config, self._nat_hint(),
                           servers[0] if servers else None)  # fmt: skip
-        if self.relay is not None:
-            paths.use_relay(self.relay, False, now)
+        if standing is not None and standing.connection is not None:
+            paths.use_relay(standing, False, now)
         elif self.config.call_relay:
-            proxy = ProxyConfig.parse(self.config.proxy) if self.config.proxy else None
-            relay = RelayPath(self.store, paths.relayed_data, "auto", proxy)
+            start = "udp" if standing is None else standing.start
+            relay = RelayPath(self.store, paths.relayed_data, "auto", self._proxy(), start=start)
             paths.use_relay(relay, True, now)
         return paths
 

@@ -63,9 +63,10 @@ def relays_in(listing: dict[str, Any]) -> list[RelayNode]:
     return found
 
 
-def _steps(transport: str, proxy: ProxyConfig | None) -> list[str]:
+def _steps(transport: str, proxy: ProxyConfig | None, start: str = "udp") -> list[str]:
     if transport == "auto":
-        return [s for s in _LADDER if s != "proxy" or proxy is not None]
+        ladder = _LADDER[_LADDER.index(start) :]
+        return [s for s in ladder if s != "proxy" or proxy is not None]
     if transport == "proxy" and proxy is None:
         raise LocalError("--relay-transport proxy needs --proxy URL (or HTTPS_PROXY)")
     return [transport]
@@ -79,7 +80,10 @@ class RelayPath:
         transport: str = "auto",
         proxy: ProxyConfig | None = None,
         step_timeout: float = 3.0,
+        start: str = "udp",
     ) -> None:
+        """`start`: the first rung of the auto ladder worth trying (what the network is known
+        to let through: a daemon that reached its supernode only over TCP skips UDP)."""
         if transport not in TRANSPORT_CHOICES:
             raise LocalError(f"relay transport must be one of {', '.join(TRANSPORT_CHOICES)}")
         self.store = store
@@ -87,6 +91,9 @@ class RelayPath:
         self.transport = transport
         self.proxy = proxy
         self.step_timeout = step_timeout
+        if start not in _LADDER:
+            raise LocalError(f"relay ladder rung must be one of {', '.join(_LADDER)}")
+        self.start = start
         self._credentials: TurnCredentials | None = None
         self._issued_at = 0.0
         self.connection: TurnConnection | None = None
@@ -122,7 +129,7 @@ class RelayPath:
             raise RelayUnavailable("the bootstrap list names no relay node")
         creds = await self._fresh_credentials()
         failures = []
-        for step in _steps(self.transport, self.proxy):
+        for step in _steps(self.transport, self.proxy, self.start):
             for node, server in ((n, s) for n in relays for s in self._servers(n, step)):
                 try:
                     self.connection = await open_turn(

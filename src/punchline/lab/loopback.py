@@ -269,13 +269,15 @@ def call_with_sample(
     return report
 
 
-def pesq_of_recording(recording: Path, sample: Path | None = None) -> float:
+def pesq_of_recording(recording: Path, sample: Path | None = None, skip_s: float = 0.0) -> float:
     """Wideband PESQ of a recording of `sample` (default: the shipped speech sample) against
-    the original."""
+    the original, less its first `skip_s` seconds: a recording starts with the first audio
+    that arrived, so what was played before any path existed is not in it to compare."""
     from punchline.voice import quality, wav
+    from punchline.voice.codec import SAMPLE_RATE
 
     original = wav.read_wav(sample or wav.speech_sample())
-    return quality.pesq_wb(original, wav.read_wav(recording))
+    return quality.pesq_wb(original[round(skip_s * SAMPLE_RATE) :], wav.read_wav(recording))
 
 
 class SupernodeKiller(threading.Thread):

@@ -37,7 +37,14 @@ from punchline.voice.codec import SAMPLE_RATE
 
 DEFAULT_KINDS = nat_types.KINDS
 INFRA = ("auth", "sn1", "sn2", "relay1")
-CLIP_S = 4.0  # long enough for a stable PESQ, short enough for a 100-call matrix
+# Speech played per call: room for a slow (relayed over TCP, ~4 s) set-up and still a few
+# seconds to score, short enough for a matrix of hundreds of calls.
+CLIP_S = 6.0
+MIN_SCORED_S = 1.0
+# The caller starts playing once answered, a little after the call was placed (setup_ms's
+# origin): cut the reference this much short of setup_ms, and let PESQ's alignment find the
+# rest of the lag (it searches +-2 s).
+SKIP_MARGIN_S = 0.5
 ONLINE_TIMEOUT_S = 20.0
 Progress = Callable[[str], None]
 
@@ -317,11 +324,21 @@ class Matrix:
             row.results.append(CallRun(False, None, None, None, None,
                                        str(exc).splitlines()[0]))  # fmt: skip
             return
-        score = None
-        if recording.exists() and report.get("setup_ms") is not None:
-            with contextlib.suppress(quality.QualityError, ValueError):
-                score = pesq_of_recording(recording, self.clip)
-        row.results.append(run_of(report, score))
+        row.results.append(run_of(report, self._score(recording, report.get("setup_ms"))))
+
+    def _score(self, recording: Path, setup_ms: float | None) -> float | None:
+        """PESQ of what the callee heard once audio flowed, against the same stretch of the
+        clip (the recording starts at the first audio; the speech played before a path
+        existed is time to first audio's business, not quality's). None with under
+        `MIN_SCORED_S` of speech left after a slow set-up."""
+        if setup_ms is None or not recording.exists():
+            return None
+        skip_s = max(0.0, setup_ms / 1000 - SKIP_MARGIN_S)
+        if self.clip_s - skip_s < MIN_SCORED_S:
+            return None
+        with contextlib.suppress(quality.QualityError, ValueError):
+            return pesq_of_recording(recording, self.clip, skip_s)
+        return None
 
 
 _LOG_FIELD = re.compile(r"\b(event|reason)=(?:'([^']*)'|\"([^\"]*)\")")
