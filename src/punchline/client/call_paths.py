@@ -46,7 +46,7 @@ EARLY_FRAMES = 10
 
 
 # Birthday probing: sockets opened on the hard (random symmetric) side.
-BIRTHDAY_SOCKETS = 256
+BIRTHDAY_SOCKETS = 512
 
 
 class _BaseSocket(asyncio.DatagramProtocol):

@@ -103,7 +103,7 @@ class AgentConfig:
     optimistic_window: float = 2.0
     optimistic_routes: int = 3
     max_remote: int = MAX_CANDIDATES
-    max_pairs: int = 512
+    max_pairs: int = 1024
     answer_rate: float = 200.0  # answered checks per second (burst as large)
     # Birthday probing (a random symmetric NAT against a cone): the hard side's many sockets
     # check the easy side once and then only every `slow_interval` (to keep their mappings);
@@ -297,6 +297,8 @@ class Agent:
         prio = (pair_priority(mine, remote.priority) if self.controlling
                 else pair_priority(remote.priority, mine))  # fmt: skip
         pair = Pair(base, remote, prio, now)
+        if base in self._slow:  # birthday sockets: all at once, each mapping must exist
+            pair.state, pair.first_check, pair.next_check = PairState.CHECKING, now, now
         self._pairs[route] = pair
         if base in self._relay_via:
             self._events.append(NeedPermission(base, remote.address))
