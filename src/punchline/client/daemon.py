@@ -17,7 +17,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import psutil
@@ -53,6 +53,9 @@ from punchline.voice.codec import FRAME_MS
 from punchline.voice.wav import FrameSource
 from punchline.wire import presence, stun
 from punchline.wire import session as wire
+
+if TYPE_CHECKING:
+    from punchline.connect.portmap import PortMapping
 
 log = structlog.get_logger(component="daemon")
 
@@ -144,6 +147,7 @@ class Daemon:
         # The media socket's own mapping, as a supernode saw it (STUN): the srflx candidate.
         self.media_reflexive: Address | None = None
         self._reflexive_probes: dict[bytes, float] = {}
+        self.port_mapping: PortMapping | None = None
         # The sequence number of the presence record the index confirmed holding, if current.
         self.published_seq: int | None = None
         self.avoid: dict[str, float] = {}
@@ -218,6 +222,7 @@ class Daemon:
             lambda: self.current is not None, lambda: self.reflexive,
         ).run())  # fmt: skip
         self._spawn(self._keep_reflexive())
+        self._spawn(self._map_port())
         if self.relay is not None:
             self._spawn(self._keep_relay(self.relay))
 
@@ -267,6 +272,19 @@ class Daemon:
             cutoff = time.time() - 10
             self._reflexive_probes = {t: at for t, at in self._reflexive_probes.items()
                                       if at > cutoff}  # fmt: skip
+
+    async def _map_port(self) -> None:
+        """Ask the router for a port (PCP, NAT-PMP, UPnP-IGD): where it says yes, peers reach
+        the media socket directly whatever the NAT's own behaviour (a `mapped` candidate)."""
+        from punchline.connect.portmap import map_udp_port
+
+        assert self._media_sock is not None
+        port = int(self._media_sock.get_extra_info("sockname")[1])
+        mapping = await map_udp_port(port)
+        if mapping is None:
+            return
+        self.port_mapping = mapping
+        log.info("router mapped a port", external=mapping.external, protocol=mapping.protocol)
 
     def _reflexive_interval(self) -> float:
         """Soon while unknown; then well inside the NAT's measured idle-mapping lifetime, so
@@ -491,6 +509,9 @@ class Daemon:
         hosts.sort(key=lambda h: h.startswith("127."))
         found = [Candidate.make("host", (h, port), 65535 - n)
                  for n, h in enumerate(dict.fromkeys(hosts))]  # fmt: skip
+        mapping = self.port_mapping
+        if mapping is not None and not mapping.lost:
+            found.append(Candidate.make("mapped", mapping.external))
         reflexive = self.media_reflexive
         # Behind a NAT that allocates in sequence the mapping a supernode saw is useless to a
         # peer and sending to it would take a port the predicted candidates count on; behind a
@@ -935,4 +956,7 @@ class Daemon:
         if self.relay is not None:
             with contextlib.suppress(Exception):
                 await self.relay.close()
+        if self.port_mapping is not None:
+            with contextlib.suppress(Exception):
+                await self.port_mapping.release()
         log.info("daemon stopped")
