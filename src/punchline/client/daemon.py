@@ -186,7 +186,6 @@ class Daemon:
             await self.stop()
 
     async def start(self) -> None:
-        auth_client.use_proxy(self.config.proxy)
         try:
             freshness = await asyncio.to_thread(account.ensure_fresh, self.store, time.time())
         except certs.CertificateExpired as exc:
@@ -385,6 +384,8 @@ class Daemon:
         """No UDP from here (the supernode only answered over a stream): every call will need
         a relay, so hold one from now on, over the rung that worked, and calls start at once."""
         proxy = self._proxy()
+        if rung == "proxy":  # the proxy is the only way out: the login server too (TURN keys)
+            auth_client.use_proxy(self.config.proxy)
         self.relay = RelayPath(self.store, self._relayed_data, "auto", proxy,
                                start=rung if rung != "proxy" or proxy else "tls")  # fmt: skip
         log.info("no UDP to the supernodes: holding a relay allocation", rung=rung)
