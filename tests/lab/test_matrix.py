@@ -43,7 +43,7 @@ TARGET: dict[tuple[str, str], str | None] = {
 NOW: dict[tuple[str, str], str | None] = {
     **TARGET,
     # birthday probing upgraded within the 5 s call in most runs here (0.6-1 s) but not in one
-    # fresh-clone CI run: not yet asserted (the row still has to connect over the relay)
+    # fresh-clone CI run: not asserted yet (the table still shows it)
     ("symmetric", "port-restricted"): None,
 }
 MIN_PESQ = 3.5  # a clean direct call scores about 3.9-4.1 on this clip
