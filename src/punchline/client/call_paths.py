@@ -35,6 +35,7 @@ from punchline.connect.candidates import Address, Candidate
 from punchline.crypto.handshake import SessionKeys
 from punchline.errors import PunchlineError
 from punchline.nat.discovery import APDM, EIM
+from punchline.util.tasks import Tasks
 from punchline.wire import stun
 
 log = structlog.get_logger(component="paths")
@@ -112,7 +113,7 @@ class CallPaths:
         self._own_relay = False
         self._sockets: dict[str, asyncio.DatagramTransport] = {}
         self._stun_waiters: dict[bytes, asyncio.Future[Address]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks()
         self.paths: list[dict[str, Any]] = []
         self._early: list[bytes] = []
         self._early_in: list[bytes] = []
@@ -128,7 +129,7 @@ class CallPaths:
             # the predicted candidates count on: it only talks to LAN peers
             self.agent.add_base("udp", self.local, now, accept=_same_lan(self.local))
             if stun_server is not None:
-                self._spawn(self._predict(stun_server, int(nat.get("delta") or 1)))
+                self._tasks.spawn(self._predict(stun_server, int(nat.get("delta") or 1)))
                 return
         else:
             self.agent.add_base("udp", self.local, now)
@@ -143,7 +144,7 @@ class CallPaths:
         if relay.connection is not None:
             self._relay_ready(now)
         elif owned:
-            self._spawn(self._open_relay(relay))
+            self._tasks.spawn(self._open_relay(relay))
 
     async def _open_relay(self, relay: RelayPath) -> None:
         # after port prediction's mapping: the relay's socket takes a port of the sequence too
@@ -225,7 +226,7 @@ class CallPaths:
         random_mine = _symmetric(mine) and mine.get("allocation") == "random"
         random_theirs = _symmetric(theirs) and theirs.get("allocation") == "random"
         if random_mine and theirs.get("mapping") == EIM and theirs.get("filtering") == APDM:
-            self._spawn(self._birthday_sockets(now))
+            self._tasks.spawn(self._birthday_sockets(now))
         elif random_theirs and mine.get("mapping") == EIM and mine.get("filtering") == APDM:
             target = theirs.get("ip")
             try:
@@ -351,16 +352,10 @@ class CallPaths:
 
     # ----------------------------------------------------------------- end
 
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def close(self) -> None:
         self.closed = True
         self.agent.close()
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         for transport in self._sockets.values():
             transport.close()
         self._sockets = {}

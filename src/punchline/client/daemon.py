@@ -48,6 +48,7 @@ from punchline.nat.discovery import EIM, NatReport
 from punchline.relay.connection import ProxyConfig
 from punchline.session.channel import ChannelConfig
 from punchline.session.outbound import Identity, OutboundSession, State
+from punchline.util.tasks import Tasks
 from punchline.voice import wav
 from punchline.voice.codec import FRAME_MS
 from punchline.voice.wav import FrameSource
@@ -159,7 +160,7 @@ class Daemon:
         self._signal_sock: asyncio.DatagramTransport | None = None
         self._media_sock: asyncio.DatagramTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks()
         self._stop = asyncio.Event()
         self.counters = {"replayed_invites": 0, "forged_invites": 0, "malformed": 0,
                          "bad_candidates": 0}  # fmt: skip
@@ -214,16 +215,16 @@ class Daemon:
         log.info("daemon started", user=self.user, device=self.device,
                  supernodes=len(self.supernodes))  # fmt: skip
         self._attach(time.time())
-        self._spawn(self._renewals())
-        self._spawn(NatMonitor(
+        self._tasks.spawn(self._renewals())
+        self._tasks.spawn(NatMonitor(
             lambda: [s.address for s in self.supernodes],
             lambda report: setattr(self, "nat", report),
             lambda: self.current is not None, lambda: self.reflexive,
         ).run())  # fmt: skip
-        self._spawn(self._keep_reflexive())
-        self._spawn(self._map_port())
+        self._tasks.spawn(self._keep_reflexive())
+        self._tasks.spawn(self._map_port())
         if self.relay is not None:
-            self._spawn(self._keep_relay(self.relay))
+            self._tasks.spawn(self._keep_relay(self.relay))
 
     async def _keep_relay(self, relay: RelayPath) -> None:
         """Relay-only mode: hold an allocation all the time, so a call's audio flows at once."""
@@ -245,28 +246,21 @@ class Daemon:
 
     # ----------------------------------------------------------------- reflexive address
 
-    def _stun_servers(self) -> list[Address]:
-        """Supernodes' UDP ports, which answer STUN: the current one first."""
-        listing = self.store.bootstrap() or {}
-        found: list[Address] = []
-        for node in listing.get("nodes", []):
-            if "supernode" in node.get("roles", []):
-                for address in node.get("addresses", []):
-                    if address.get("transport") == "udp":
-                        found.append((str(address["host"]), int(address["port"])))
-        current = self.current[0].address if self.current is not None else None
-        found.sort(key=lambda a: a != current)
-        return found
+    def _stun_server(self) -> Address | None:
+        """The current supernode's UDP port (supernodes answer STUN there), else the first."""
+        if self.current is not None:
+            return self.current[0].address
+        return self.supernodes[0].address if self.supernodes else None
 
     async def _keep_reflexive(self) -> None:
         """Keep the media socket's mapping open and known, so a call's candidates are ready
         before it starts (no gathering wait); asked of the current supernode."""
         while True:
-            if self._media_sock is not None:
-                for server in self._stun_servers()[:1]:
-                    request = stun.binding_request()
-                    self._reflexive_probes[request[8:20]] = time.time()
-                    self._media_sock.sendto(request, server)
+            server = self._stun_server()
+            if self._media_sock is not None and server is not None:
+                request = stun.binding_request()
+                self._reflexive_probes[request[8:20]] = time.time()
+                self._media_sock.sendto(request, server)
             await asyncio.sleep(self._reflexive_interval())
             cutoff = time.time() - 10
             self._reflexive_probes = {t: at for t, at in self._reflexive_probes.items()
@@ -389,7 +383,7 @@ class Daemon:
         self.relay = RelayPath(self.store, self._relayed_data, "auto", proxy,
                                start=rung if rung != "proxy" or proxy else "tls")  # fmt: skip
         log.info("no UDP to the supernodes: holding a relay allocation", rung=rung)
-        self._spawn(self._keep_relay(self.relay))
+        self._tasks.spawn(self._keep_relay(self.relay))
 
     def _proxy(self) -> ProxyConfig | None:
         return ProxyConfig.parse(self.config.proxy) if self.config.proxy else None
@@ -539,10 +533,9 @@ class Daemon:
                 active.call.trickle(items)  # (a callee's go in its answer, once accepted)
                 asyncio.get_running_loop().call_soon(self._fire)
 
-        servers = self._stun_servers()
         paths = CallPaths(controlling, now, self._media_sock, self._local_candidates(), trickle,
                           self._media_in, config, self._nat_hint(),
-                          servers[0] if servers else None)  # fmt: skip
+                          self._stun_server())  # fmt: skip
         if standing is not None and standing.connection is not None:
             paths.use_relay(standing, False, now)
         elif self.config.call_relay:
@@ -696,7 +689,7 @@ class Daemon:
         elif isinstance(active.source, wav.WavSource) and call.outgoing:
             active.hangup_at = None  # hung up when the file has been played
         self._notify(active, {"event": "connected", "peer": call.peer})
-        self._spawn(self._media_loop(active))
+        self._tasks.spawn(self._media_loop(active))
 
     async def _media_loop(self, active: ActiveCall) -> None:
         loop = asyncio.get_running_loop()
@@ -728,7 +721,7 @@ class Daemon:
         active.finished = True
         report = self.report(active)
         if active.connectivity is not None:
-            self._spawn(active.connectivity.close())
+            self._tasks.spawn(active.connectivity.close())
         if active.sink is not None:
             active.sink.close()
             if isinstance(active.sink, wav.WavSink):
@@ -925,11 +918,6 @@ class Daemon:
 
     # ----------------------------------------------------------------- lifecycle
 
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def stop(self) -> None:
         now = time.time()
         if self.call is not None and self.call.call.state is not CallState.ENDED:
@@ -944,8 +932,7 @@ class Daemon:
         self._ladder.settle(None)
         if self.link is not None:
             self.link.close()  # a stream still sends the bye it holds
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         if self._timer is not None:
             self._timer.cancel()
         self._control.close()

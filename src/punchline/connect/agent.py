@@ -34,9 +34,9 @@ from __future__ import annotations
 import ipaddress
 import random
 import secrets
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from cryptography.hazmat.primitives import hashes
@@ -185,14 +185,6 @@ def label(pair: Pair, relay_via: dict[str, str]) -> str:
     return "direct"
 
 
-@dataclass
-class _Counters:
-    values: dict[str, int] = field(default_factory=dict)
-
-    def add(self, name: str, count: int = 1) -> None:
-        self.values[name] = self.values.get(name, 0) + count
-
-
 class Agent:
     def __init__(
         self,
@@ -229,7 +221,7 @@ class Agent:
         self._tokens_at = now
         self.selected: Pair | None = None
         self._selected_at = now
-        self._counters = _Counters()
+        self._counters: Counter[str] = Counter()
         self.closed = False
 
     # ----------------------------------------------------------------- setup
@@ -274,7 +266,7 @@ class Agent:
         if any(c.address == candidate.address for c in self._remote):
             return False
         if len(self._remote) >= self.config.max_remote:
-            self._counters.add("dropped_candidates")
+            self._counters["dropped_candidates"] += 1
             return False
         self._remote.append(candidate)
         for base in self._bases:
@@ -291,7 +283,7 @@ class Agent:
         if route in self._pairs:
             return self._pairs[route]
         if len(self._pairs) >= self.config.max_pairs:
-            self._counters.add("dropped_pairs")
+            self._counters["dropped_pairs"] += 1
             return None
         mine = self._base_priority(base)
         prio = (pair_priority(mine, remote.priority) if self.controlling
@@ -317,16 +309,16 @@ class Agent:
         try:
             message = stun.decode_untrusted(data)
         except StunError:
-            self._counters.add("malformed")
+            self._counters["malformed"] += 1
             return
         if message.method != Method.BINDING:
-            self._counters.add("unexpected")
+            self._counters["unexpected"] += 1
         elif message.cls == Class.REQUEST:
             self._request(base, data, message, source, now)
         elif message.cls in (Class.SUCCESS, Class.ERROR):
             self._response(base, data, message, source, now)
         else:
-            self._counters.add("unexpected")
+            self._counters["unexpected"] += 1
 
     def _request(
         self, base: str, data: bytes, message: Message, source: Address, now: float
@@ -334,26 +326,26 @@ class Agent:
         if self._receive_key is None:
             if len(self._buffered) < self.config.buffered_max:
                 self._buffered.append((base, data, source))
-                self._counters.add("buffered")
+                self._counters["buffered"] += 1
             else:
-                self._counters.add("flood")
+                self._counters["flood"] += 1
             return
         username = message.get(Attr.USERNAME)
         if username != f"{self.local_ufrag}:{self.remote_ufrag}".encode():
-            self._counters.add("forged")
+            self._counters["forged"] += 1
             return
         try:
             stun.decode_untrusted(data, self._receive_key)
         except StunError:
-            self._counters.add("forged")
+            self._counters["forged"] += 1
             return
         tid = message.transaction_id
         seen = self._seen.get(tid)
         if seen is not None and seen != (base, source):
-            self._counters.add("replayed")
+            self._counters["replayed"] += 1
             return
         if not self._take_token(now):
-            self._counters.add("flood")
+            self._counters["flood"] += 1
             return
         self._seen[tid] = (base, source)
         while len(self._seen) > self.config.seen_max:
@@ -364,10 +356,10 @@ class Agent:
             integrity_key=self._receive_key,
         )  # fmt: skip
         if len(answer) > len(data):
-            self._counters.add("oversize")  # never amplify, whatever the request looked like
+            self._counters["oversize"] += 1  # never amplify, whatever the request looked like
             return
         self._out.append(((base, *source), answer))
-        self._counters.add("checks_answered")
+        self._counters["checks_answered"] += 1
         self._triggered(base, message, source, now)
 
     def _triggered(self, base: str, message: Message, source: Address, now: float) -> None:
@@ -381,7 +373,7 @@ class Agent:
                 prio = max(1, stun.decode_uint32_untrusted(value))
             remote = Candidate("prflx", source, prio)
             if len(self._remote) >= self.config.max_remote + 8:
-                self._counters.add("dropped_candidates")
+                self._counters["dropped_candidates"] += 1
                 return
             self._remote.append(remote)
             pair = self._pair(base, remote, now)
@@ -398,13 +390,13 @@ class Agent:
     ) -> None:
         entry = self._transactions.get(message.transaction_id)
         if entry is None or self._send_key is None:
-            self._counters.add("unexpected")
+            self._counters["unexpected"] += 1
             return
         target, sent_at = entry
         try:
             message = stun.decode_untrusted(data, self._send_key)
         except StunError:
-            self._counters.add("forged")
+            self._counters["forged"] += 1
             return
         if isinstance(target, tuple):  # a birthday probe hit one of the peer's mappings
             found = self._probe_hit(target, base, source, now)
@@ -413,13 +405,13 @@ class Agent:
             target = found
         pair = target
         if (base, *source) != pair.route:
-            self._counters.add("unexpected")  # not symmetric: this is not the pair we tested
+            self._counters["unexpected"] += 1  # not symmetric: this is not the pair we tested
             return
         del self._transactions[message.transaction_id]
         if message.cls == Class.ERROR:
-            self._counters.add("error_responses")
+            self._counters["error_responses"] += 1
             return
-        self._counters.add("responses")
+        self._counters["responses"] += 1
         pair.last_response = now
         pair.rtt = now - sent_at
         mapped = stun.mapped_address_untrusted(message)
@@ -435,9 +427,9 @@ class Agent:
 
     def _probe_hit(self, route: Route, base: str, source: Address, now: float) -> Pair | None:
         if (base, *source) != route:
-            self._counters.add("unexpected")
+            self._counters["unexpected"] += 1
             return None
-        self._counters.add("probe_hits")
+        self._counters["probe_hits"] += 1
         self._probe_until = now  # found: stop probing
         self._remote.append(Candidate("prflx", source, priority("prflx")))
         pair = self._pair(base, self._remote[-1], now)
@@ -474,7 +466,7 @@ class Agent:
             route = ("udp", self._probe_host, port)
             tid = self._send_check(route, now)
             self._transactions[tid] = (route, now)
-            self._counters.add("probes_sent")
+            self._counters["probes_sent"] += 1
             self._next_probe += step
             budget -= 1
         self._next_probe = max(self._next_probe, now)
@@ -607,14 +599,14 @@ class Agent:
         back (a short outage), and move the media to the best pair still answering."""
         pair.state, pair.lost_since = PairState.LOST, now
         pair.next_check = now + self.config.backup_interval
-        self._counters.add("paths_lost")
+        self._counters["paths_lost"] += 1
         if pair is self.selected:
             self._select(self._best_live(), "failover", now)
 
     def _check(self, pair: Pair, now: float) -> None:
         self._transactions[self._send_check(pair.route, now)] = (pair, now)
         pair.tries += 1
-        self._counters.add("checks_sent")
+        self._counters["checks_sent"] += 1
 
     def _send_check(self, route: Route, now: float) -> bytes:
         assert self._send_key is not None
@@ -666,7 +658,7 @@ class Agent:
 
     @property
     def counters(self) -> dict[str, int]:
-        return dict(self._counters.values)
+        return dict(self._counters)
 
     def pairs(self) -> list[dict[str, object]]:
         """The checklist, best first, for status and the call report."""

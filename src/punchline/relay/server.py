@@ -58,14 +58,15 @@ from punchline.relay.forwarder import (
     threaded,
 )
 from punchline.runtime.driver import Driver
+from punchline.runtime.streams import TLS_FIRST_BYTE, first_byte
 from punchline.util import sockets
 from punchline.util.files import atomic_write, private_dir
+from punchline.util.tasks import Tasks
 from punchline.wire import channel_data, stun
 
 log = structlog.get_logger(component="relay")
 
 READY_FILE = "relay.json"
-TLS_FIRST_BYTE = 0x16  # TLS record type "handshake" (RFC 8446 §5.1)
 # A stream client whose unsent backlog passes this is too slow for real-time media: drop.
 MAX_STREAM_BACKLOG = 256 * 1024
 
@@ -167,7 +168,7 @@ class RelayServer:
         self.relays: dict[int, socket.socket] = {}
         self._held: dict[bytes, socket.socket] = {}
         self._listeners: list[socket.socket] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks()
         self._conn_ids = 0
         self._driver: Driver | None = None
         self._health: web.AppRunner | None = None
@@ -225,7 +226,7 @@ class RelayServer:
         """Accept stream clients and answer health checks (needs the node certificate)."""
         self.tls = tls
         for listener in self._listeners:
-            self._spawn(self._accept(listener))
+            self._tasks.spawn(self._accept(listener))
         if self.config.health_listen is not None:
             self._health = web.AppRunner(self._health_app(), access_log=None, handle_signals=False)
             await self._health.setup()
@@ -245,9 +246,15 @@ class RelayServer:
             [certs.Role.RELAY], addresses, self.config.ca_fingerprint,
         )  # fmt: skip
         await self.go_live(addresses)
-        self._spawn(lifecycle.heartbeats(self.store, addresses, self.config.heartbeat_interval,
-                                         certs.Role.RELAY, lambda _listing: self.load_secret(),
-                                         self.renewed))  # fmt: skip
+        heartbeats = lifecycle.heartbeats(
+            self.store,
+            addresses,
+            self.config.heartbeat_interval,
+            certs.Role.RELAY,
+            lambda _listing: self.load_secret(),
+            self.renewed,
+        )
+        self._tasks.spawn(heartbeats)
         ready = {
             "node_id": self.store.require_profile().user,
             "pid": os.getpid(),
@@ -437,32 +444,17 @@ class RelayServer:
                 log.warning("accept failed", error=str(exc))
                 await asyncio.sleep(0.1)
                 continue
-            self._spawn(self._serve_stream(conn))
+            self._tasks.spawn(self._serve_stream(conn))
 
     async def _serve_stream(self, conn: socket.socket) -> None:
         """Tell TLS from plain TURN by peeking at the first byte, then hand to a protocol."""
         loop = asyncio.get_running_loop()
-        conn.setblocking(False)
+        first = await first_byte(conn)
+        if first is None:
+            conn.close()
+            return
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        readable: asyncio.Future[None] = loop.create_future()
-
-        def ready() -> None:
-            if not readable.done():
-                readable.set_result(None)
-
-        loop.add_reader(conn.fileno(), ready)
-        try:
-            await asyncio.wait_for(readable, 10.0)
-            first = conn.recv(1, socket.MSG_PEEK)
-        except (TimeoutError, OSError):
-            conn.close()
-            return
-        finally:
-            loop.remove_reader(conn.fileno())
-        if not first:
-            conn.close()
-            return
-        tls = first[0] == TLS_FIRST_BYTE
+        tls = first == TLS_FIRST_BYTE
         name = "tls" if tls else "tcp"
         self._conn_ids += 1
         peer = conn.getpeername()
@@ -517,14 +509,8 @@ class RelayServer:
 
     # ----------------------------------------------------------------- shutdown
 
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         loop = asyncio.get_running_loop()
         if self.threaded is not None:
             self.threaded.stop()

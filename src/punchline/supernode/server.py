@@ -29,6 +29,7 @@ from punchline.session.outbound import Identity
 from punchline.supernode.core import CoreConfig, Lookup, Publish, Route, SupernodeCore
 from punchline.util import sockets
 from punchline.util.files import atomic_write, private_dir
+from punchline.util.tasks import Tasks
 from punchline.wire import session as wire
 
 log = structlog.get_logger(component="supernode")
@@ -77,7 +78,7 @@ class SupernodeServer:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: dict[str, asyncio.StreamWriter] = {}
         self._listeners: list[socket.socket] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks()
         self._conn_ids = 0
         self.index: PresenceIndex | None = None
         self.core: SupernodeCore | None = None
@@ -138,10 +139,16 @@ class SupernodeServer:
         for port in self.config.tcp_ports:
             self._listeners.append(sockets.tcp_listener(self.config.listen_host, port))
         for listener in self._listeners:  # each serves plain TCP and TLS, told by the first byte
-            self._spawn(streams.serve_plain_and_tls(listener, tls, self._tcp_client))
-        self._spawn(lifecycle.heartbeats(self.store, addresses, self.config.heartbeat_interval,
-                                         certs.Role.SUPERNODE, self._listing,
-                                         self._renewed))  # fmt: skip
+            self._tasks.spawn(streams.serve_plain_and_tls(listener, tls, self._tcp_client))
+        heartbeats = lifecycle.heartbeats(
+            self.store,
+            addresses,
+            self.config.heartbeat_interval,
+            certs.Role.SUPERNODE,
+            self._listing,
+            self._renewed,
+        )
+        self._tasks.spawn(heartbeats)
         ready = {
             "node_id": node_id,
             "pid": os.getpid(),
@@ -184,9 +191,9 @@ class SupernodeServer:
                     writer.write(wire.frame(data))
         for action in self.core.actions():
             if isinstance(action, Publish):
-                self._spawn(self._publish(action))
+                self._tasks.spawn(self._publish(action))
             elif isinstance(action, Lookup):
-                self._spawn(self._lookup(action))
+                self._tasks.spawn(self._lookup(action))
 
     async def _publish(self, action: Publish) -> None:
         assert self.index is not None
@@ -257,14 +264,8 @@ class SupernodeServer:
                 if address.get("transport") == "dht":
                     self.index.bootstrap(str(address["host"]), int(address["port"]))
 
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         for listener in self._listeners:
             listener.close()
         self.stun.close()
