@@ -26,7 +26,7 @@ from punchline.identity import keys
 from punchline.identity.certs import Role
 from punchline.session.channel import SecureChannel
 from punchline.session.outbound import Identity, OutboundSession
-from punchline.supernode.core import Lookup, Publish, Route, SupernodeCore
+from punchline.supernode.core import Action, Lookup, Publish, Route, SupernodeCore
 from punchline.wire import presence
 from punchline.wire import session as wire
 
@@ -182,7 +182,7 @@ class CoreEnd:
     def __init__(self, core: SupernodeCore, index: Index | None = None) -> None:
         self.core = core
         self.index = index
-        self.actions: list[Publish | Lookup] = []
+        self.actions: list[Action] = []
 
     def deliver(self, data: bytes, source: Addr, now: float) -> None:
         self.core.receive(data, udp(source), now)
@@ -193,7 +193,7 @@ class CoreEnd:
                 self.actions.append(action)
             elif isinstance(action, Publish):
                 self.index.records.setdefault(action.user, {})[action.device] = action.record
-            else:
+            elif isinstance(action, Lookup):
                 self.core.lookup_done(action.ref, self.index.lookup(action.user), now)
         out = []
         for data, route in self.core.datagrams(now):

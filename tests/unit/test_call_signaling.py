@@ -188,16 +188,16 @@ def test_reject_ends_both_sides_with_the_reason(world: World) -> None:
     caller, invite = place(world.alice)
     callee, _ = ring(world.bob, invite)
     callee.outgoing_signals()
-    callee.reject("busy", NOW + 2)
+    callee.reject("in a meeting", NOW + 2)
     assert callee.state is CallState.ENDED
-    assert callee.end_reason == "busy"
+    assert callee.end_reason == "in a meeting"
     assert callee.ended_at == NOW + 2
     signal = only(callee)
-    assert signal.body == {"type": "reject", "reason": "busy", "call_id": caller.call_id}
+    assert signal.body == {"type": "reject", "reason": "in a meeting", "call_id": caller.call_id}
     assert signal.to_device == "laptop"
     caller.signal_untrusted("phone", signal.body, NOW + 2.1)
     assert caller.state is CallState.ENDED
-    assert caller.end_reason == "busy"
+    assert caller.end_reason == "in a meeting"
     assert caller.ended_at == NOW + 2.1
     assert caller.connected_at is None
 
@@ -206,7 +206,14 @@ def test_busy_from_a_device_already_in_a_call(world: World) -> None:
     caller, invite = place(world.alice)
     busy = {"type": "reject", "reason": "busy", "call_id": invite["call_id"]}
     caller.signal_untrusted("phone", busy, NOW + 1)
+    # another device may still ring: the call waits a moment before giving up
+    assert caller.next_timer() == NOW + 1 + CallConfig().busy_grace
+    caller.handle_timer(NOW + 1 + CallConfig().busy_grace - 0.01)
+    assert state(caller) is CallState.INVITING
+    caller.handle_timer(caller.next_timer())
     assert (caller.state, caller.end_reason) == (CallState.ENDED, "busy")
+    assert caller.ended_at == NOW + 1 + CallConfig().busy_grace
+    assert caller.next_timer() == float("inf")
 
 
 def test_reject_reasons_are_cut_short(world: World) -> None:

@@ -22,6 +22,7 @@ from punchline.connect.agent import (
     Released,
 )
 from punchline.connect.candidates import Address, Candidate
+from punchline.connect.keepalive import keepalive_interval
 from punchline.crypto.handshake import SessionKeys
 from punchline.wire import stun
 
@@ -62,10 +63,26 @@ class Sim:
         self.by_name[(agent, name)] = base
         return base
 
+    def rebind(self, agent: str, name: str, public: Address) -> Base:
+        """The NAT in front of a base maps it anew (rebinding, or the host moved): the world
+        sees it at `public`, and nothing is let in that it has not sent to since."""
+        base = self.by_name[(agent, name)]
+        del self.bases[base.public]
+        base.public, base.opened = public, set()
+        self.bases[public] = base
+        return base
+
+    def remove(self, agent: str, name: str) -> None:
+        """A base whose socket or allocation died: nothing reaches it, nothing leaves it."""
+        base = self.by_name.pop((agent, name))
+        del self.bases[base.public]
+
     def flush(self) -> None:
         for name, agent in self.agents.items():
             for route, data in agent.transmit():
-                sender = self.by_name[(name, route[0])]
+                sender = self.by_name.get((name, route[0]))
+                if sender is None:
+                    continue
                 target = (route[1], route[2])
                 sender.opened.add(target)
                 if frozenset((sender.public, target)) in self.cut:
@@ -321,3 +338,140 @@ def test_birthday_probing_finds_a_random_symmetric_nat_within_seconds() -> None:
     # socket gets through; the others are then released
     assert hard.counters["checks_sent"] <= 256 * 4
     assert len(sim.released["b"]) == 255
+
+
+def _reasons(sim: Sim, name: str) -> list[tuple[str, str]]:
+    return [(e.label, e.reason) for e in sim.events[name]]
+
+
+def test_after_a_nat_rebinding_a_restart_brings_the_direct_path_back_within_a_round_trip() -> None:
+    """A's NAT maps its socket to a new port mid-call. B's port-filtering NAT drops A's checks
+    from there, and nothing reaches the old port: consent fails over to the relay. A learns
+    its new address (STUN, in the daemon) and restarts; B hears of it through signalling and
+    restarts too, its checks open B's NAT towards A's new port, and the direct path is back."""
+    sim = Sim()
+    a, b = pair_of_agents(sim)
+    relay_and_direct(sim, a, b)
+    a.set_keys(KEYS_A, 0.0)
+    b.set_keys(KEYS_B, 0.0)
+    sim.run(3.0)
+    assert a.selected is not None
+    assert a.selected.base == "udp"
+    moved = ("198.51.100.1", 4444)
+    sim.rebind("a", "udp", moved)
+    sim.run(3.0 + 1.5)
+    assert _reasons(sim, "a")[-1] == ("relay-udp", "failover")
+    # A's STUN answer: the new mapping; its restart reaches B one signalling hop later
+    a.replace_local("udp", [Candidate.make("srflx", moved)])
+    a.restart(sim.now)
+    sim.run(sim.now + 0.05)
+    offered = [Candidate.make("srflx", moved),
+               Candidate.make("relay", ("203.0.113.9", 50000), via="udp")]  # fmt: skip
+    b.peer_restarted(offered, sim.now)
+    restarted = sim.now
+    sim.run(restarted + 1.0)
+    assert _reasons(sim, "a")[-1] == ("direct", "restart")
+    assert a.selected is not None
+    assert b.selected is not None
+    assert b.selected.route == ("udp", *moved)
+    assert a.selected.valid_since is not None
+    assert a.selected.valid_since - restarted < 0.3
+    assert a.counters["restarts"] == 1
+    assert b.counters["restarts"] == 1
+    assert b.remote_candidates("srflx") == [Candidate.make("srflx", moved)]  # the old one is gone
+    sim.run(sim.now + 5.0)  # and it stays: no flapping back to the relay
+    assert a.selected is not None
+    assert a.selected.base == "udp"
+
+
+def test_a_host_that_moves_networks_comes_back_on_a_new_relay_allocation_and_direct() -> None:
+    """The laptop joins another network: new host address, new NAT, and its relay allocation
+    (bound to the old addresses) is dead. It re-allocates and rebases the relay; the new
+    allocation lets B's addresses in again, and the call comes back, direct."""
+    sim = Sim()
+    a, b = pair_of_agents(sim)
+    relay_and_direct(sim, a, b)
+    a.set_keys(KEYS_A, 0.0)
+    b.set_keys(KEYS_B, 0.0)
+    sim.run(3.0)
+    a.events()
+    moved = ("192.0.2.50", 6000)
+    sim.rebind("a", "udp", moved)
+    sim.remove("a", "relay")
+    sim.run(3.5)
+    a.replace_local("udp", [Candidate.make("srflx", moved)])
+    a.restart(sim.now)
+    new_relay = Candidate.make("relay", ("203.0.113.9", 50001), via="udp")
+    sim.base("a", "relay", new_relay.address, True)
+    a.rebase("relay", [new_relay], sim.now, relay_via="udp")
+    assert {e.address for e in a.events() if isinstance(e, NeedPermission)} == {
+        ("198.51.100.2", 5000)
+    }
+    sim.by_name[("a", "relay")].opened.add(("198.51.100.2", 5000))
+    sim.run(sim.now + 0.05)
+    b.peer_restarted([Candidate.make("srflx", moved), new_relay], sim.now)
+    restarted = sim.now
+    sim.run(restarted + 1.5)
+    assert a.selected is not None
+    assert b.selected is not None
+    assert (a.selected.base, b.selected.route) == ("udp", ("udp", *moved))
+    # A restarted before its consent ran out: its pair answered again in time, no switch at
+    # all; B's old pair (to A's old address) died and B moved to the new one
+    assert _reasons(sim, "a") == [("direct", "first path")]
+    assert _reasons(sim, "b")[-1] == ("direct", "restart")
+    assert {c.address for c in b.remote_candidates("relay")} == {new_relay.address}
+    states = {p["remote"][1]: p["state"] for p in b.pairs() if p["base"] == "udp"}
+    assert states[50001] == "valid"  # b reaches a's new allocation as a backup
+
+
+def test_a_restart_that_changed_nothing_keeps_the_path_without_a_gap() -> None:
+    sim = Sim()
+    a, b = pair_of_agents(sim)
+    relay_and_direct(sim, a, b)
+    a.set_keys(KEYS_A, 0.0)
+    b.set_keys(KEYS_B, 0.0)
+    sim.run(3.0)
+    before = _reasons(sim, "a")
+    selected = a.selected
+    a.restart(sim.now)
+    b.peer_restarted([Candidate.make("srflx", ("198.51.100.1", 4000)),
+                      Candidate.make("relay", ("203.0.113.9", 50000), via="udp")],
+                     sim.now)  # fmt: skip
+    sim.run(sim.now + 3.0)
+    assert _reasons(sim, "a") == before
+    assert a.selected is selected
+    # the relay pairs were proven again and are ready to fail over to
+    assert {p["state"] for p in a.pairs()} == {"valid"}
+
+
+def test_keepalives_are_sized_to_the_measured_mapping_lifetime_within_bounds() -> None:
+    assert keepalive_interval(None, 1.5, 0.5) == 1.5  # unknown: the configured interval
+    assert keepalive_interval(120.0, 1.5, 0.5) == 1.5  # liveness needs it this often anyway
+    assert keepalive_interval(2.0, 1.5, 0.5) == 1.0  # a NAT that forgets in 2 s
+    assert keepalive_interval(0.3, 1.5, 0.5) == 0.5  # never a flood
+    assert keepalive_interval(30.0, 20.0, 2.0) == 15.0  # the media socket's reflexive refresh
+
+
+def test_an_announced_address_first_seen_as_peer_reflexive_is_tried_from_every_base() -> None:
+    """After a rebinding the peer's new address often checks our relay before its restart
+    signal arrives: the announced candidate must still be paired with our other bases."""
+    sim = Sim()
+    a, b = pair_of_agents(sim)
+    relay_and_direct(sim, a, b)
+    b.set_keys(KEYS_B, 0.0)
+    a.set_keys(KEYS_A, 0.0)
+    sim.run(1.0)
+    b.handle_timer(1.0)
+    b.transmit()
+    # a check of b's arrives at a's relay from an address b never announced
+    b.add_base("other", [], 1.0)
+    b.add_remote(Candidate.make("relay", ("203.0.113.9", 50000), via="udp"), 1.0)
+    b.handle_timer(1.1)
+    checks = [d for r, d in b.transmit() if r[0] == "other"]
+    assert checks
+    a.receive("relay", checks[0], ("198.51.100.2", 7777), 1.1)
+    assert a.remote_candidates("prflx") == [Candidate("prflx", ("198.51.100.2", 7777),
+                                                      a.remote_candidates("prflx")[0].priority)]
+    assert a.add_remote(Candidate.make("srflx", ("198.51.100.2", 7777)), 1.2)
+    bases = {p["base"] for p in a.pairs() if p["remote"] == ["198.51.100.2", 7777]}
+    assert bases == {"udp", "relay"}

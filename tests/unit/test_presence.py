@@ -54,8 +54,9 @@ def world(ca: CA, other_ca: CA, issue: IssueFn, issue_other: IssueFn) -> World:
 def make(party: Party, device: str = "laptop", seq: int = 1, **kwargs: Any) -> dict[str, str]:
     args: dict[str, Any] = {"supernode": SN, "expires": NOW + 3600, "status": "online"}
     args.update(kwargs)
+    last_seen = args.get("last_seen", NOW - 60 if args["status"] == "offline" else None)
     return presence.make(party.key, party.cert, party.name, device, args["supernode"], seq,
-                         args["expires"], args["status"])  # fmt: skip
+                         args["expires"], args["status"], last_seen)  # fmt: skip
 
 
 def payload_of(party: Party, **overrides: Any) -> dict[str, Any]:
@@ -367,3 +368,84 @@ def _fuzz_party() -> Party:
 
 _FUZZ = _fuzz_party()
 _FUZZ_RECORD = make(_FUZZ)
+
+
+# ------------------------------------------------------------------ offline records, lookups
+
+
+def test_an_offline_record_lives_72_hours_and_says_when(world: World) -> None:
+    record = presence.make_offline(world.alice.key, world.alice.cert, "alice", "laptop", SN, 8,
+                                   NOW)  # fmt: skip
+    checked = verify_untrusted(record, world.ca.cert, NOW + 71 * 3600)
+    assert (checked.status, checked.last_seen, checked.seq) == ("offline", NOW, 8)
+    assert checked.expires == NOW + presence.LAST_SEEN_WINDOW == NOW + 72 * 3600
+    with pytest.raises(PresenceError) as info:
+        verify_untrusted(record, world.ca.cert, NOW + 73 * 3600)
+    assert info.value.kind == "expired"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"status": "offline", "last_seen": ...},
+        {"last_seen": "yesterday"},
+        {"last_seen": True},
+        {"last_seen": [1]},
+    ],
+    ids=repr,
+)
+def test_offline_records_need_a_well_formed_last_seen(
+    world: World, overrides: dict[str, Any]
+) -> None:
+    record = signed_by(world.alice, payload_of(world.alice, **overrides))
+    with pytest.raises(PresenceError) as info:
+        verify_untrusted(record, world.ca.cert, NOW)
+    assert info.value.kind == "forged"
+
+
+def test_failures_of_verification_count_as_forged(world: World) -> None:
+    for record in (make(world.foreign_alice), make(world.node_alice), {"payload": "{}"}):
+        with pytest.raises(PresenceError) as info:
+            verify_untrusted(record, world.ca.cert, NOW)
+        assert info.value.kind == "forged"
+
+
+def _at(device: str, seq: int, status: str, last_seen: float | None = None) -> Presence:
+    return Presence("alice", device, SN, status, seq, NOW + 60, b"", last_seen)
+
+
+def test_summary_online_when_any_device_is_reachable() -> None:
+    summary = presence.summarize("alice", [
+        _at("laptop", 5, "offline", NOW - 100), _at("phone", 3, "away"), _at("desk", 2, "busy"),
+    ])  # fmt: skip
+    assert summary.status == "busy"  # busy is more available than away
+    assert [d.device for d in summary.devices] == ["desk", "phone"]
+    assert summary.last_seen is None
+    assert summary.as_json()["devices"][0] == {"device": "desk", "status": "busy",
+                                                "supernode": "sn-a", "seq": 2}  # fmt: skip
+
+
+def test_summary_offline_with_the_latest_last_seen_and_higher_seq_wins() -> None:
+    summary = presence.summarize("alice", [
+        _at("laptop", 5, "online"), _at("laptop", 6, "offline", NOW - 100),
+        _at("phone", 9, "offline", NOW - 50), _at("phone", 2, "online"),
+    ])  # fmt: skip
+    assert (summary.status, summary.last_seen, summary.devices) == ("offline", NOW - 50, [])
+    # a stale offline record does not hide a newer online one
+    back = presence.summarize("alice", [_at("laptop", 6, "offline", NOW - 100),
+                                        _at("laptop", 7, "online")])  # fmt: skip
+    assert back.status == "online"
+    assert presence.summarize("alice", []).as_json() == {
+        "user": "alice", "status": "unknown", "last_seen": None, "devices": []}  # fmt: skip
+
+
+def test_an_offline_record_cannot_outrank_the_future_or_claim_the_future(world: World) -> None:
+    """Checked at its last-seen time (it outlives the day-long certificate), an offline record
+    may not carry a sequence number beyond that time, nor a last-seen time to come."""
+    ahead = make(world.alice, seq=int((NOW + 3600) * 1000), status="offline", last_seen=NOW)
+    assert "impossible" in rejected(ahead, world)
+    future = make(world.alice, seq=1, status="offline", last_seen=NOW + 3600)
+    assert "impossible" in rejected(future, world)
+    # an online record is checked now: past the certificate's day it is refused
+    assert "expired" in rejected(make(world.alice, expires=NOW + 3 * DAY), world,
+                                 now=NOW + 2 * DAY)  # fmt: skip

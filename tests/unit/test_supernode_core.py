@@ -392,8 +392,13 @@ def test_lookup_returns_only_verified_records_of_the_user(world: World) -> None:
     core.lookup_done(ref, [good, forged, expired, foreign, not_bob, {"x": 1}], lab.net.now)
     lab.net.advance(0.1)
     (result,) = alice.of_type("lookup_result")
-    assert result == {"t": "lookup_result", "id": 42, "user": "bob", "records": [good]}
+    assert result == {"t": "lookup_result", "id": 42, "user": "bob", "records": [good],
+                      "status": "online", "last_seen": None,
+                      "devices": [{"device": "phone", "status": "online", "supernode": "sn-b",
+                                   "seq": 1}]}  # fmt: skip
     assert core.counters["bad_record"] == 5
+    assert core.counters["expired_record"] == 1
+    assert core.counters["forged_record"] == 4
 
 
 def test_lookup_includes_users_attached_here_and_keeps_the_highest_seq(world: World) -> None:
@@ -421,8 +426,9 @@ def test_lookup_of_an_unknown_user_gives_an_empty_result(world: World) -> None:
     alice = lab.client(world.alice)
     lab.send(alice, {"t": "lookup", "user": "nobody", "id": "x"})
     assert alice.of_type("lookup_result") == [
-        {"t": "lookup_result", "id": "x", "user": "nobody", "records": []}
-    ]
+        {"t": "lookup_result", "id": "x", "user": "nobody", "records": [], "status": "unknown",
+         "last_seen": None, "devices": []}
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("user", [None, "", "x" * 65, 5, ["bob"]])

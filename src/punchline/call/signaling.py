@@ -11,6 +11,15 @@ Transitions (a table, as in h11):
     caller: IDLE -invite-> INVITING -ringing-> RINGING -answer-> ACTIVE -hangup-> ENDED
     callee: IDLE -invite-> INCOMING -accept-> ACTIVE;  -reject/busy-> ENDED
     any live state -cancel/hangup/timeout/error-> ENDED
+
+Several devices: an invite without a device goes to every online device of the callee, and
+each rings back. The first valid answer wins: the caller binds to that device (`peer_device`)
+and sends a `cancel` ("answered elsewhere") to every other device it heard from, then and
+whenever one of them rings or answers later, so a late answer is refused and never gets a
+second media session. After the caller binds, only the bound device has a say in the call. A
+"busy" device does not end a call that another device may still take: the call ends busy only
+if no other device rings within `busy_grace`. A decline on one device ends the call and stops
+the others ("declined elsewhere").
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Any
 from punchline.crypto import handshake
 from punchline.crypto.handshake import SessionKeys
 from punchline.identity.certs import Role
+from punchline.identity.keys import key_id
 from punchline.session.outbound import Identity
 
 
@@ -37,6 +47,15 @@ class CallState(Enum):
 
 LIVE = frozenset({CallState.INVITING, CallState.RINGING, CallState.INCOMING, CallState.ACTIVE})
 
+# The caller's reasons for a `cancel` to a device that lost the race, and what that device says.
+ANSWERED_ELSEWHERE = "answered elsewhere"
+DECLINED_ELSEWHERE = "declined elsewhere"
+ANSWERED_ON_ANOTHER_DEVICE = "answered on another device"
+DECLINED_ON_ANOTHER_DEVICE = "declined on another device"
+_CANCEL_ENDS = {ANSWERED_ELSEWHERE: ANSWERED_ON_ANOTHER_DEVICE,
+                DECLINED_ELSEWHERE: DECLINED_ON_ANOTHER_DEVICE}  # fmt: skip
+MAX_DEVICE_ID = 64
+
 
 @dataclass(frozen=True)
 class CallConfig:
@@ -44,6 +63,9 @@ class CallConfig:
     invite_timeout: float = 10.0
     # Ringing but nobody answers.
     ring_timeout: float = 60.0
+    # A device said busy and no other rings: wait this long for a slower device to ring
+    # (an invite reaches devices on other supernodes one index lookup later).
+    busy_grace: float = 1.5
 
 
 @dataclass(frozen=True)
@@ -73,9 +95,20 @@ class Call:
     ended_at: float | None = None
     rejected_answers: int = 0
     problem: str = ""
+    # The callee's device that took the call (the caller's view; a callee shows its own, or
+    # the one the caller named when it stopped this device ringing).
+    answered_by: str | None = None
+    # This side's own device (a callee's key id; "" for a caller, which does not need it).
+    device: str = ""
     _pending: handshake.PendingHandshake | None = None
     _deadline: float = float("inf")
+    _busy_at: float = float("inf")
     _out: list[Outgoing] = field(default_factory=list)
+    # Caller side: devices of the callee heard ringing, that said busy, that were told to stop.
+    _ringing: set[str] = field(default_factory=set)
+    _busy: set[str] = field(default_factory=set)
+    _told: set[str] = field(default_factory=set)
+    _stop_reason: str = ""
 
     # ----------------------------------------------------------------- caller side
 
@@ -127,6 +160,7 @@ class Call:
             )
         call = cls(call_id, sender, False, identity, user, config or CallConfig(), now)
         call.peer_device, call.keys = sender_device, keys
+        call.device = key_id(identity.key.public_key())
         media = body.get("media")
         call.peer_media = media if isinstance(media, dict) else {}
         call.state = CallState.INCOMING
@@ -138,12 +172,17 @@ class Call:
         if self.state is not CallState.INCOMING:
             return
         self._send({"type": "answer", "answer": answer, "media": media})
+        self.answered_by = self.device
         self._connected(now)
 
-    def trickle(self, candidates: list[dict[str, Any]]) -> None:
-        """Candidates found after the invite or answer went out (a relay, predicted ports)."""
+    def trickle(self, candidates: list[dict[str, Any]], restart: bool = False) -> None:
+        """Candidates found after the invite or answer went out (a relay, predicted ports);
+        `restart`: our addresses changed and these are all we offer now."""
         if self.state in LIVE:
-            self._send({"type": "candidates", "candidates": candidates})
+            body: dict[str, Any] = {"type": "candidates", "candidates": candidates}
+            if restart:
+                body["restart"] = True
+            self._send(body)
 
     def reject(self, reason: str, now: float) -> None:
         if self.state is CallState.INCOMING:
@@ -161,22 +200,79 @@ class Call:
             self._end(reason, now)
 
     def signal_untrusted(self, sender_device: str, body: dict[str, Any], now: float) -> None:
+        kind = body.get("type")
+        if self.outgoing:
+            self._caller_signal(sender_device, kind, body, now)
+        else:
+            self._callee_signal(sender_device, kind, body, now)
+
+    def _caller_signal(self, device: str, kind: object, body: dict[str, Any], now: float) -> None:
+        if self.state in (CallState.INVITING, CallState.RINGING):
+            if kind == "ringing":
+                self._rings(device, now)
+            elif kind == "answer":
+                self._answered(device, body, now)
+            elif kind == "reject":
+                self._rejected(device, str(body.get("reason", "rejected"))[:40], now)
+            elif kind in ("hangup", "cancel"):
+                self._end("peer hung up" if kind == "hangup" else "cancelled", now)
+            return
+        if device != self.peer_device:
+            # Another device of the callee, late: the call is taken (or over); it stops ringing.
+            if kind in ("ringing", "answer"):
+                self._stop_ringing(device, self._stop_reason or "hung up")
+            return
         if self.state is CallState.ENDED:
             return  # both sides hung up at once: the first reason stands
-        kind = body.get("type")
-        if self.outgoing and self.state in (CallState.INVITING, CallState.RINGING):
-            if kind == "ringing":
-                if self.state is CallState.INVITING:
-                    self.state = CallState.RINGING
-                    self._deadline = now + self.config.ring_timeout
-                return
-            if kind == "answer":
-                self._answered(sender_device, body, now)
-                return
         if kind == "reject":
             self._end(str(body.get("reason", "rejected"))[:40], now)
         elif kind in ("hangup", "cancel"):
             self._end("peer hung up" if kind == "hangup" else "cancelled", now)
+
+    def _callee_signal(self, device: str, kind: object, body: dict[str, Any], now: float) -> None:
+        if self.state is CallState.ENDED or device != self.peer_device:
+            return  # only the caller's device that invited us has a say
+        if kind == "reject":
+            self._end(str(body.get("reason", "rejected"))[:40], now)
+        elif kind == "hangup":
+            self._end("peer hung up", now)
+        elif kind == "cancel":
+            reason = body.get("reason")
+            ending = _CANCEL_ENDS.get(reason) if isinstance(reason, str) else None
+            winner = body.get("answered_by")
+            if ending == ANSWERED_ON_ANOTHER_DEVICE and winner == self.device:
+                return  # we are the device that took the call
+            if isinstance(winner, str) and 0 < len(winner) <= MAX_DEVICE_ID:
+                self.answered_by = winner
+            self._end(ending or "cancelled", now)
+
+    def _rings(self, device: str, now: float) -> None:
+        self._ringing.add(device)
+        self._busy_at = float("inf")  # a device that may still take the call
+        if self.state is CallState.INVITING:
+            self.state = CallState.RINGING
+            self._deadline = now + self.config.ring_timeout
+
+    def _rejected(self, device: str, reason: str, now: float) -> None:
+        if reason != "busy":
+            self._end(reason, now)  # declined: by the user, so on every device
+            self._stop_reason = DECLINED_ELSEWHERE
+            for other in sorted(self._ringing - {device}):
+                self._stop_ringing(other, DECLINED_ELSEWHERE)
+            return
+        self._busy.add(device)
+        self._ringing.discard(device)
+        if not self._ringing:
+            self._busy_at = min(self._busy_at, now + self.config.busy_grace)
+
+    def _stop_ringing(self, device: str, reason: str) -> None:
+        if device in self._told or not 0 < len(device) <= MAX_DEVICE_ID:
+            return
+        self._told.add(device)
+        body: dict[str, Any] = {"type": "cancel", "reason": reason, "call_id": self.call_id}
+        if self.answered_by is not None:
+            body["answered_by"] = self.answered_by
+        self._out.append(Outgoing(self.peer, body, device))
 
     def _answered(self, sender_device: str, body: dict[str, Any], now: float) -> None:
         assert self._pending is not None
@@ -191,9 +287,14 @@ class Call:
             self.problem = f"answer rejected: {exc}"
             return
         self.keys, self.peer_device = keys, sender_device
+        self.answered_by = sender_device
         media = body.get("media")
         self.peer_media = media if isinstance(media, dict) else {}
         self._connected(now)
+        self._stop_reason = ANSWERED_ELSEWHERE
+        for other in sorted(self._ringing):
+            if other != sender_device:
+                self._stop_ringing(other, ANSWERED_ELSEWHERE)
 
     def unreachable(self, reason: str, now: float) -> None:
         """The network could not deliver the invite (the callee is offline or unknown)."""
@@ -203,12 +304,12 @@ class Call:
     def _connected(self, now: float) -> None:
         self.state = CallState.ACTIVE
         self.connected_at = now
-        self._deadline = float("inf")
+        self._deadline = self._busy_at = float("inf")
 
     def _end(self, reason: str, now: float) -> None:
         self.state = CallState.ENDED
         self.end_reason = reason
-        self._deadline = float("inf")
+        self._deadline = self._busy_at = float("inf")
         self.ended_at = now
 
     def _send(self, body: dict[str, Any]) -> None:
@@ -216,9 +317,12 @@ class Call:
         self._out.append(Outgoing(self.peer, {**body, "call_id": self.call_id}, to_device))
 
     def next_timer(self) -> float:
-        return self._deadline
+        return min(self._deadline, self._busy_at)
 
     def handle_timer(self, now: float) -> None:
+        if now >= self._busy_at and self.state in (CallState.INVITING, CallState.RINGING):
+            self._end("busy", now)  # every device that answered at all is in another call
+            return
         if now < self._deadline:
             return
         if self.state is CallState.INVITING:

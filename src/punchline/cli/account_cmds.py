@@ -114,6 +114,9 @@ def passwd(data: DataDir = None, password_stdin: PasswordStdin = False) -> None:
     new = read_password(password_stdin, "New password", confirm=True)
     account.change_password(store(data), old, new)
     typer.echo("Password changed.")
+    from punchline.cli.contacts_cmds import rekey_running_daemon
+
+    rekey_running_daemon(data)  # the contact list key is re-wrapped under the new password
 
 
 def register(app: typer.Typer) -> None:

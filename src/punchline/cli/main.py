@@ -15,7 +15,9 @@ from punchline import __version__
 from punchline.cli import (
     account_cmds,
     auth_cmds,
+    contacts_cmds,
     demo,
+    index_cmds,
     lab_cmds,
     netcheck_cmds,
     network_cmds,
@@ -35,8 +37,10 @@ app = typer.Typer(
 app.add_typer(auth_cmds.app, name="auth")
 app.add_typer(node_cmds.app, name="node")
 app.add_typer(lab_cmds.app, name="lab")
+app.add_typer(contacts_cmds.app, name="contacts")
 account_cmds.register(app)
 network_cmds.register(app)
+index_cmds.register(app)
 netcheck_cmds.register(app)
 relay_cmds.register(app)
 demo.register(app)

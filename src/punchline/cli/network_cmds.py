@@ -234,8 +234,17 @@ def answer(data: DataDir = None) -> None:
     _one(data, {"op": "answer"})
 
 
-def status(data: DataDir = None, as_json: Json = False) -> None:
+def status(
+    data: DataDir = None,
+    as_json: Json = False,
+    set_status: Annotated[
+        str | None,
+        typer.Option("--set", help="Set your presence status: online, away or busy."),
+    ] = None,
+) -> None:
     """Show whether the daemon is online, through which supernode, and the current call."""
+    if set_status is not None:
+        _one(data, {"op": "set_status", "status": set_status})
     answer = _one(data, {"op": "status"})
     answer.pop("ok", None)
     if as_json:

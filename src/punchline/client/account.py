@@ -16,7 +16,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from punchline.client import renewal
 from punchline.client.auth_client import AuthClient, fetch_ca_unverified
-from punchline.client.store import CAMismatch, IdentityStore, Profile, check_expected_fingerprint
+from punchline.client.store import (
+    CAMismatch,
+    ContactKeys,
+    IdentityStore,
+    Profile,
+    check_expected_fingerprint,
+)
 from punchline.errors import LocalError, RemoteError
 from punchline.identity import certs, keys, names, signed
 from punchline.relay.credentials import TurnCredentials
@@ -109,7 +115,9 @@ def _authenticate(
     http = connect(store, url, ca_fingerprint)
     with http:
         answer = http.post(f"/v1/{purpose}", credentials_request(key, purpose, name, password))
-        return _store_answer(store, http, answer, http.url)
+        identity = _store_answer(store, http, answer, http.url)
+    remember_contacts_password(store, name, password, time.time())
+    return identity
 
 
 def signup(
@@ -132,6 +140,19 @@ def change_password(store: IdentityStore, old: str, new: str) -> None:
             "/v1/password",
             {"name": profile.user, "password": old, "new_password": new},
         )
+    remember_contacts_password(store, profile.user, new, time.time())
+
+
+def remember_contacts_password(store: IdentityStore, user: str, password: str, now: float) -> None:
+    """Derive the contact list's password key (`wire.contacts`) while the password is at hand:
+    every device of the user derives the same key, and the daemon never sees the password."""
+    from punchline.wire import contacts
+
+    key = contacts.password_key(user, password)
+    old = store.contact_keys()
+    if old is not None and old.password_key == key:
+        return
+    store.save_contact_keys(ContactKeys(key, now, old.list_key if old is not None else None))
 
 
 def current(store: IdentityStore, now: float, role: certs.Role = certs.Role.USER) -> Identity:

@@ -6,6 +6,15 @@ once so a path exists within the relay's setup time even when nothing direct wor
 NATs that allocate ports in sequence a port-prediction socket (base `predict`). New local
 candidates (the relay's address, predicted ports) are trickled to the peer through the
 supernodes as they appear; the peer's are added as they arrive.
+
+When our addresses change under the call (the daemon notices: a new reflexive address, new
+host addresses) `network_changed` restarts the agent with the new candidates, renews the relay
+allocation (a UDP allocation is bound to the old address and port, a TCP one to a connection
+through the old NAT) and sends the peer everything it can reach us at now, flagged `restart`;
+the new relay address follows as an ordinary trickle once allocated. A relay allocation that
+ends by itself mid-call (refused refresh, expiry, closed connection) is renewed the same way.
+When the path in use loses consent, `on_lost` asks the daemon to look for such a change at
+once rather than at its next periodic check.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from punchline.connect.candidates import Address, Candidate
 from punchline.crypto.handshake import SessionKeys
 from punchline.errors import PunchlineError
 from punchline.nat.discovery import APDM, EIM
+from punchline.relay.connection import TurnConnection
 from punchline.util.tasks import Tasks
 from punchline.wire import stun
 
@@ -48,6 +58,11 @@ EARLY_FRAMES = 10
 
 # Birthday probing: sockets opened on the hard (random symmetric) side.
 BIRTHDAY_SOCKETS = 512
+# A standing relay (shared by calls, renewed by the daemon) is waited for this long after a
+# network change before the call gives up on its relay path.
+STANDING_RELAY_WAIT = 15.0
+
+Trickle = Callable[[list[dict[str, Any]], bool], None]
 
 
 class _BaseSocket(asyncio.DatagramProtocol):
@@ -96,19 +111,25 @@ class CallPaths:
         now: float,
         media_sock: asyncio.DatagramTransport,
         local: list[Candidate],
-        trickle: Callable[[list[dict[str, Any]]], None],
+        trickle: Trickle,
         on_media: Callable[[bytes, float], bool],
         config: PathsConfig,
         nat: dict[str, Any] | None = None,
         stun_server: Address | None = None,
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
         """`nat` is what discovery found about our NAT (`NatReport.as_json()`), `stun_server`
-        a supernode's UDP address to learn a fresh socket's mapping from."""
+        a supernode's UDP address to learn a fresh socket's mapping from. `trickle(items,
+        restart)` sends candidates to the peer; `on_lost()` is called when the path in use
+        stopped answering."""
         self.agent = Agent(controlling, now, config.agent)
         self.config = config
         self._media_sock = media_sock
         self._trickle = trickle
         self._on_media = on_media
+        self._on_lost = on_lost
+        # what the media socket offers (kept in relay-only mode too, to notice changes)
+        self._udp_local = list(local)
         self._relay: RelayPath | None = None
         self._own_relay = False
         self._sockets: dict[str, asyncio.DatagramTransport] = {}
@@ -118,6 +139,8 @@ class CallPaths:
         self._early: list[bytes] = []
         self._early_in: list[bytes] = []
         self._predicted = asyncio.Event()
+        self._reopening = False
+        self.restarts = 0
         self.started = now
         self.local = [] if config.relay_only else list(local)
         self.nat = nat
@@ -166,8 +189,62 @@ class CallPaths:
         assert relay.connection is not None
         via = relay.label.removeprefix("relay-")
         candidate = Candidate.make("relay", relay.connection.relayed, via=via)
-        self.agent.add_base("relay", [candidate], now, relay_via=via)
+        self.local = [c for c in self.local if c.kind != "relay"]
+        self.agent.rebase("relay", [candidate], now, relay_via=via)
         self._share([candidate])
+        if self._own_relay:
+            self._tasks.spawn(self._watch_relay(relay, relay.connection))
+
+    async def _watch_relay(self, relay: RelayPath, connection: TurnConnection) -> None:
+        """An allocation of ours that ends mid-call (a refresh refused or unanswered, the
+        TCP connection closed) is renewed: the relay is the path of last resort."""
+        reason = await connection.wait_closed()
+        if self.closed or relay.connection is not connection:
+            return  # released by us, or already replaced
+        log.warning("relay allocation lost mid-call; allocating again", reason=reason)
+        self._renew_relay()
+
+    def _renew_relay(self) -> bool:
+        """A fresh allocation (ours) or the daemon's renewed standing one; True if under way."""
+        relay = self._relay
+        if relay is None or self.closed:
+            return False
+        if self._own_relay:
+            self._tasks.spawn(self._reopen_relay(relay, relay.connection))
+        else:
+            self._tasks.spawn(self._follow_standing(relay, relay.connection))
+        return True
+
+    async def _reopen_relay(self, relay: RelayPath, old: TurnConnection | None) -> None:
+        if self._reopening:
+            return
+        self._reopening = True
+        try:
+            await relay.open()
+        except PunchlineError as exc:
+            log.warning("no new relay allocation after the network changed", reason=str(exc))
+            return
+        finally:
+            self._reopening = False
+        if old is not None and old is not relay.connection:
+            self._tasks.spawn(_quietly_close(old))
+        if self.closed:
+            await relay.close()
+            return
+        self._relay_ready(time.time())
+        log.info("relay allocated again", label=relay.label)
+        self.pump(time.time())
+
+    async def _follow_standing(self, relay: RelayPath, old: TurnConnection | None) -> None:
+        """The daemon renews its standing allocation on a network change: use the new one."""
+        deadline = time.monotonic() + STANDING_RELAY_WAIT
+        while time.monotonic() < deadline and not self.closed:
+            current = relay.connection
+            if current is not None and current is not old and current.closed_reason is None:
+                self._relay_ready(time.time())
+                self.pump(time.time())
+                return
+            await asyncio.sleep(0.05)
 
     async def _open(self, base: str) -> asyncio.DatagramTransport:
         loop = asyncio.get_running_loop()
@@ -251,7 +328,42 @@ class CallPaths:
 
     def _share(self, found: list[Candidate]) -> None:
         self.local += found
-        self._trickle([c.as_json() for c in found])
+        self._trickle([c.as_json() for c in found], False)
+
+    # ----------------------------------------------------------------- network changes
+
+    def network_changed(self, local: list[Candidate], now: float) -> bool:
+        """The media socket's candidates as they are now (`local`); when they differ from
+        what the call offers, restart: True if it did."""
+        if self.closed or {(c.kind, c.address) for c in local} == {
+            (c.kind, c.address) for c in self._udp_local
+        }:
+            return False
+        gone = sorted({c.address for c in self._udp_local} - {c.address for c in local})
+        log.info("our addresses changed mid-call: restarting connectivity",
+                 gone=gone, now=[c.address for c in local])  # fmt: skip
+        self._udp_local = list(local)
+        renewing = self._renew_relay()
+        kept = [c for c in self.local if c.kind == "predicted" or (c.kind == "relay" and
+                                                                    not renewing)]  # fmt: skip
+        if self.config.relay_only:
+            self.local = kept
+        else:
+            self.local = [*local, *kept]
+            self.agent.replace_local("udp", local)
+        self.agent.restart(now)
+        self.restarts += 1
+        self._trickle([c.as_json() for c in self.local], True)
+        self.pump(now)
+        return True
+
+    def peer_restarted(self, items: object, now: float) -> int:
+        """The peer's addresses changed and `items` is all it offers now; returns drops."""
+        found, dropped = cand.decode_list_untrusted(items)
+        log.info("the peer's addresses changed: restarting connectivity", offered=len(found))
+        self.agent.peer_restarted(found, now)
+        self.pump(now)
+        return dropped
 
     def add_remote(self, items: object, now: float) -> int:
         """The peer's candidates (from the invite, the answer or a trickle); returns drops."""
@@ -342,6 +454,8 @@ class CallPaths:
                  "reason": event.reason, "at_ms": round((now - self.started) * 1000)}  # fmt: skip
         self.paths.append(entry)
         log.info("media path", **entry)
+        if event.reason == "failover" and self._on_lost is not None:
+            self._on_lost()  # perhaps our own addresses changed: find out now
 
     def next_timer(self) -> float:
         return self.agent.next_timer()
@@ -364,4 +478,11 @@ class CallPaths:
                 await self._relay.close()
 
     def status(self) -> dict[str, Any]:
-        return {"path": self.label, "pairs": self.agent.pairs(), "counters": self.agent.counters}
+        return {"path": self.label, "pairs": self.agent.pairs(), "counters": self.agent.counters,
+                "restarts": self.restarts}  # fmt: skip
+
+
+async def _quietly_close(connection: TurnConnection) -> None:
+    """Release an allocation that is probably dead already (its answer may never come)."""
+    with contextlib.suppress(Exception):
+        await connection.close()

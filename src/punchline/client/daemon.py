@@ -15,7 +15,7 @@ import itertools
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,9 +24,16 @@ import psutil
 import structlog
 
 from punchline.call.media import Address, MediaConfig, MediaSession
-from punchline.call.signaling import Call, CallConfig, CallState
+from punchline.call.signaling import (
+    ANSWERED_ON_ANOTHER_DEVICE,
+    DECLINED_ON_ANOTHER_DEVICE,
+    Call,
+    CallConfig,
+    CallState,
+)
 from punchline.client import account, auth_client, control
 from punchline.client.call_paths import CallPaths, PathsConfig
+from punchline.client.contacts import Contacts
 from punchline.client.relay_path import RelayPath
 from punchline.client.store import IdentityStore
 from punchline.client.supernode_link import (
@@ -40,10 +47,11 @@ from punchline.client.supernode_link import (
 )
 from punchline.connect.agent import AgentConfig
 from punchline.connect.candidates import Candidate
+from punchline.connect.keepalive import keepalive_interval
 from punchline.crypto import handshake
 from punchline.errors import LocalError, PunchlineError
 from punchline.identity import certs, keys
-from punchline.nat.discover import NatMonitor
+from punchline.nat.discover import NatMonitor, local_ipv4
 from punchline.nat.discovery import EIM, NatReport
 from punchline.relay.connection import ProxyConfig
 from punchline.session.channel import ChannelConfig
@@ -75,9 +83,12 @@ class DaemonConfig:
     avoid_failed_for: float = 30.0
     # How often to check whether the certificate is due for renewal.
     renewal_check_interval: float = 600.0
-    # Presence records live this long and are republished well before they expire.
-    record_lifetime: float = 150.0
-    republish_interval: float = 45.0
+    # Presence records live this long; the supernode keeps them alive in the DHT (custody),
+    # the daemon signs a new one when half its life is gone or anything in it changed.
+    record_lifetime: float = 1200.0
+    # Every this often the daemon re-sends its record (the repair if the supernode lost it)
+    # with a fresh pre-signed offline record: its last-seen time is at most this old.
+    republish_interval: float = 60.0
     # Media only through a relay node (`punchline up --relay-only`), over this transport
     # (auto: UDP, then TCP, TLS 443, then TLS through `proxy`).
     relay_only: bool = False
@@ -91,6 +102,9 @@ class DaemonConfig:
     call_relay: bool = True
     # The media socket's reflexive address is refreshed this often (and keeps its mapping).
     reflexive_interval: float = 20.0
+    # How often the host's addresses are looked at: a laptop that joined another network
+    # restarts its call's connectivity within this (plus a STUN round trip).
+    network_poll: float = 1.0
     agent: AgentConfig = field(default_factory=AgentConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)
     call: CallConfig = field(default_factory=CallConfig)
@@ -148,6 +162,10 @@ class Daemon:
         # The media socket's own mapping, as a supernode saw it (STUN): the srflx candidate.
         self.media_reflexive: Address | None = None
         self._reflexive_probes: dict[bytes, float] = {}
+        # Who waits for the next reflexive answer (a network change being looked into).
+        self._reflexive_waiters: list[asyncio.Future[Address]] = []
+        self._network_changed_at = float("-inf")
+        self._rechecking = False
         self.port_mapping: PortMapping | None = None
         # The sequence number of the presence record the index confirmed holding, if current.
         self.published_seq: int | None = None
@@ -156,6 +174,13 @@ class Daemon:
         self._seen_invites: dict[bytes, float] = {}
         self._seq = int(time.time() * 1000)
         self._next_publish = float("inf")
+        # The current signed online record and what it was made from (re-signed on change).
+        self._record: dict[str, Any] | None = None
+        self._record_seq = 0
+        self._record_made: tuple[Any, ...] = ()
+        self._record_until = 0.0
+        self.presence_status = "online"  # or away / busy: `punchline status --set`
+        self._lookups: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._signal_ids = itertools.count(1)
         self._signal_sock: asyncio.DatagramTransport | None = None
         self._media_sock: asyncio.DatagramTransport | None = None
@@ -166,6 +191,7 @@ class Daemon:
                          "bad_candidates": 0}  # fmt: skip
         self._pending_answer: dict[str, Any] = {}
         self._retry_at = 0.0
+        self.contacts: Contacts | None = None  # the user's contact list, once started
         self.relay: RelayPath | None = None
         # What our NAT does (nat.discovery), once measured in the background; the
         # connectivity engine reads `allocation` / `delta` from it for port prediction.
@@ -199,6 +225,8 @@ class Daemon:
         self.identity = Identity(self.store.key(), self.store.certificate(), ca)
         self.user = freshness.identity.profile.user
         self.device = keys.key_id(self.identity.key.public_key())
+        self.contacts = Contacts.open(self.store, self.user, self.device, self.identity.key,
+                                      self.identity.certificate, ca)  # fmt: skip
         self.supernodes = self._bootstrap_supernodes()
         if not self.supernodes:
             raise LocalError("the cached bootstrap list names no supernode; log in again later")
@@ -218,10 +246,11 @@ class Daemon:
         self._tasks.spawn(self._renewals())
         self._tasks.spawn(NatMonitor(
             lambda: [s.address for s in self.supernodes],
-            lambda report: setattr(self, "nat", report),
+            self._nat_report,
             lambda: self.current is not None, lambda: self.reflexive,
         ).run())  # fmt: skip
         self._tasks.spawn(self._keep_reflexive())
+        self._tasks.spawn(self._watch_network())
         self._tasks.spawn(self._map_port())
         if self.relay is not None:
             self._tasks.spawn(self._keep_relay(self.relay))
@@ -256,15 +285,18 @@ class Daemon:
         """Keep the media socket's mapping open and known, so a call's candidates are ready
         before it starts (no gathering wait); asked of the current supernode."""
         while True:
-            server = self._stun_server()
-            if self._media_sock is not None and server is not None:
-                request = stun.binding_request()
-                self._reflexive_probes[request[8:20]] = time.time()
-                self._media_sock.sendto(request, server)
+            self._probe_reflexive()
             await asyncio.sleep(self._reflexive_interval())
             cutoff = time.time() - 10
             self._reflexive_probes = {t: at for t, at in self._reflexive_probes.items()
                                       if at > cutoff}  # fmt: skip
+
+    def _probe_reflexive(self) -> None:
+        server = self._stun_server()
+        if self._media_sock is not None and server is not None:
+            request = stun.binding_request()
+            self._reflexive_probes[request[8:20]] = time.time()
+            self._media_sock.sendto(request, server)
 
     async def _map_port(self) -> None:
         """Ask the router for a port (PCP, NAT-PMP, UPnP-IGD): where it says yes, peers reach
@@ -279,15 +311,34 @@ class Daemon:
         self.port_mapping = mapping
         log.info("router mapped a port", external=mapping.external, protocol=mapping.protocol)
 
+    def _nat_report(self, report: NatReport) -> None:
+        """A new NAT report: the supernode session's keepalives follow its mapping lifetime."""
+        self.nat = report
+        if self.current is not None and isinstance(self.link, DatagramLink):
+            channel = self._udp_channel()
+            session = self.current[1]
+            session.config = channel
+            if session.channel is not None:
+                session.channel.config = channel
+
+    def _udp_channel(self) -> ChannelConfig:
+        """The session's channel over UDP: pings (which also keep its NAT mapping open) at
+        most every half mapping lifetime, and never rarer than the configured interval, which
+        is what noticing a dead supernode within seconds needs."""
+        config = self.config.channel
+        lifetime = self.nat.mapping_lifetime_s if self.nat is not None else None
+        if config.ping_interval is None:
+            return config
+        ping = keepalive_interval(lifetime, config.ping_interval, 0.5)
+        return config if ping == config.ping_interval else replace(config, ping_interval=ping)
+
     def _reflexive_interval(self) -> float:
         """Soon while unknown; then well inside the NAT's measured idle-mapping lifetime, so
         the mapping (and the candidate the next call offers) stays valid."""
         if self.media_reflexive is None:
             return 0.5
         lifetime = self.nat.mapping_lifetime_s if self.nat is not None else None
-        if lifetime is None:
-            return self.config.reflexive_interval
-        return max(2.0, min(self.config.reflexive_interval, lifetime * 0.5))
+        return keepalive_interval(lifetime, self.config.reflexive_interval, 2.0)
 
     def _reflexive_answer(self, data: bytes) -> bool:
         try:
@@ -297,10 +348,91 @@ class Daemon:
         if self._reflexive_probes.pop(message.transaction_id, None) is None:
             return False
         mapped = stun.mapped_address_untrusted(message)
-        if mapped is not None and mapped != self.media_reflexive:
-            log.info("reflexive address", address=mapped)
+        if mapped is None:
+            return True
+        waiters, self._reflexive_waiters = self._reflexive_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(mapped)
+        if mapped != self.media_reflexive:
+            log.info("reflexive address", address=mapped, previous=self.media_reflexive)
+            known = self.media_reflexive is not None
             self.media_reflexive = mapped
+            if known and not waiters:  # the periodic refresh found the NAT rebound
+                self._network_change("the reflexive address changed")
         return True
+
+    # ----------------------------------------------------------------- network changes
+
+    async def _watch_network(self) -> None:
+        """Poll the host's addresses (cheap: one getifaddrs): a laptop that joined another
+        network must restart its call and reach its supernode from there within seconds."""
+        known = local_ipv4()
+        while True:
+            await asyncio.sleep(self.config.network_poll)
+            current = local_ipv4()
+            if current != known:
+                log.info("host addresses changed", gone=sorted(known - current),
+                         new=sorted(current - known))  # fmt: skip
+                known = current
+                self._network_change("the host's addresses changed")
+
+    def _network_change(self, why: str) -> None:
+        """Our addresses may have changed (new host addresses, a new mapping): make the
+        supernode follow us at once, then find the new reflexive address and restart the
+        call's connectivity if what it offers changed."""
+        now = time.time()
+        self._network_changed_at = now
+        if self.current is not None and isinstance(self.link, DatagramLink):
+            # any authenticated packet from the new address moves the supernode's session
+            node, session = self.current
+            session.send({"t": "ping"}, now)
+            self._send_signal_packets(session, node.address, now)
+        if self.relay is not None and self.relay.connection is not None:
+            # a standing allocation is bound to the old addresses: its keeper opens a new one
+            self._tasks.spawn(self.relay.connection.close())
+        self._tasks.spawn(self._recheck_network(why))
+
+    def _path_lost(self) -> None:
+        """The call's path in use stopped answering: perhaps our NAT rebound; ask now."""
+        self._tasks.spawn(self._recheck_network("the call's path stopped answering"))
+
+    async def _recheck_network(self, why: str) -> None:
+        if self._rechecking:
+            return
+        self._rechecking = True
+        try:
+            before = self.media_reflexive
+            mapped = await self._ask_reflexive()
+            if mapped is not None and before is not None and mapped != before:
+                self._network_changed_at = time.time()
+                if self.current is not None:  # our signalling socket moved too, surely
+                    node, session = self.current
+                    session.send({"t": "ping"}, time.time())
+                    self._send_signal_packets(session, node.address, time.time())
+            self._restart_call(why)
+        finally:
+            self._rechecking = False
+
+    async def _ask_reflexive(self, attempts: int = 3, wait: float = 0.3) -> Address | None:
+        """The media socket's mapping, asked of the supernode now (None: no answer)."""
+        loop = asyncio.get_running_loop()
+        for _attempt in range(attempts):
+            waiter: asyncio.Future[Address] = loop.create_future()
+            self._reflexive_waiters.append(waiter)
+            self._probe_reflexive()
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(waiter, wait)
+        return None
+
+    def _restart_call(self, why: str) -> None:
+        active = self.call
+        if active is None or active.finished or active.connectivity is None:
+            return
+        now = time.time()
+        if active.connectivity.network_changed(self._local_candidates(), now):
+            log.info("call connectivity restarted", reason=why, peer=active.call.peer)
+            self._pump(now)
 
     async def _renewals(self) -> None:
         """Renew the certificate while running (it lasts a day); new sessions and the
@@ -313,6 +445,8 @@ class Daemon:
             if freshness.renewed and self.identity is not None:
                 self.identity = Identity(self.identity.key, self.store.certificate(),
                                          self.identity.ca)  # fmt: skip
+                if self.contacts is not None:
+                    self.contacts.renewed(self.identity.certificate)
                 self._publish(time.time())
                 self._pump(time.time())
 
@@ -346,9 +480,9 @@ class Daemon:
     def _try_link(self, link: Link, now: float) -> None:
         assert self.identity is not None
         node = link.node
-        channel = self.config.channel
+        channel = self._udp_channel()
         if link.transport != "udp":
-            channel = stream_channel(channel)
+            channel = stream_channel(self.config.channel)
         session = OutboundSession(self.identity, node.node_id, now, config=channel)
         self.attempts[link] = (node, session)
         if isinstance(link, StreamLink):
@@ -371,6 +505,8 @@ class Daemon:
                  address=self.link.where, attach_ms=round((now - self._attach_started) * 1000),
                  rtt_ms=None if session.rtt is None else round(session.rtt * 1000, 1))  # fmt: skip
         self._publish(now)
+        if self.contacts is not None:
+            self.contacts.attached()  # watch again, re-put what this device keeps alive
         if self.link.transport != "udp" and self.relay is None:
             self._standing_relay(self.link.transport)
 
@@ -393,7 +529,8 @@ class Daemon:
             return
         node, _session = self.current
         log.warning("supernode lost; re-attaching", supernode=node.node_id, reason=reason)
-        self.avoid[node.node_id] = now + self.config.avoid_failed_for
+        if now - self._network_changed_at > 10.0:  # (else our network moved, not its fault)
+            self.avoid[node.node_id] = now + self.config.avoid_failed_for
         self.current = None
         if self.link is not None:
             self.link.close()
@@ -406,14 +543,24 @@ class Daemon:
         if self.current is None or self.identity is None:
             return
         node, session = self.current
+        where = {"node_id": node.node_id,
+                 "addresses": [{"transport": "udp", "host": node.address[0],
+                                "port": node.address[1]}]}  # fmt: skip
+        made = (node.node_id, node.address, self.presence_status, self.identity.certificate)
+        aged = now > self._record_until - self.config.record_lifetime / 2
+        if self._record is None or made != self._record_made or aged:
+            self._seq = max(self._seq + 1, int(now * 1000))
+            self._record = presence.make(
+                self.identity.key, self.identity.certificate, self.user, self.device, where,
+                self._seq, now + self.config.record_lifetime, self.presence_status,
+            )  # fmt: skip
+            self._record_seq, self._record_made = self._seq, made
+            self._record_until = now + self.config.record_lifetime
+        # What the supernode puts once this daemon is gone: offline, last seen now.
         self._seq = max(self._seq + 1, int(now * 1000))
-        record = presence.make(
-            self.identity.key, self.identity.certificate, self.user, self.device,
-            {"node_id": node.node_id,
-             "addresses": [{"transport": "udp", "host": node.address[0], "port": node.address[1]}]},
-            self._seq, now + self.config.record_lifetime,
-        )  # fmt: skip
-        session.send({"t": "publish", "record": record}, now)
+        offline = presence.make_offline(self.identity.key, self.identity.certificate, self.user,
+                                        self.device, where, self._seq, now)  # fmt: skip
+        session.send({"t": "publish", "record": self._record, "offline": offline}, now)
         self._next_publish = now + self.config.republish_interval
 
     # ----------------------------------------------------------------- network input
@@ -477,13 +624,20 @@ class Daemon:
 
     def _message(self, message: dict[str, Any], now: float) -> None:
         kind = message.get("t")
-        if kind == "welcome":
+        if kind in Contacts.MESSAGES and self.contacts is not None:
+            self.contacts.receive(message, now)
+        elif kind == "welcome":
             reflexive = message.get("reflexive")
             if isinstance(reflexive, list) and len(reflexive) == 2:
                 self.reflexive = (str(reflexive[0]), int(reflexive[1]))
         elif kind == "published":
-            if message.get("seq") == self._seq:
-                self.published_seq = self._seq
+            if message.get("seq") == self._record_seq:
+                self.published_seq = self._record_seq
+        elif kind == "lookup_result":
+            ref = message.get("id")
+            waiter = self._lookups.pop(ref, None) if isinstance(ref, int) else None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(message)
         elif kind == "signal":
             self._signal(message, now)
         elif kind == "signal_error":
@@ -525,17 +679,18 @@ class Daemon:
         config = PathsConfig(self.config.agent, relay_only=self.config.relay_only)
         paths: CallPaths
 
-        def trickle(items: list[dict[str, Any]]) -> None:
+        def trickle(items: list[dict[str, Any]], restart: bool) -> None:
             active = self.call
             if active is None or active.connectivity is not paths:
                 return
             if active.call.outgoing or active.call.state is CallState.ACTIVE:
-                active.call.trickle(items)  # (a callee's go in its answer, once accepted)
+                # (a callee's go in its answer, once accepted)
+                active.call.trickle(items, restart=restart)
                 asyncio.get_running_loop().call_soon(self._fire)
 
         paths = CallPaths(controlling, now, self._media_sock, self._local_candidates(), trickle,
                           self._media_in, config, self._nat_hint(),
-                          self._stun_server())  # fmt: skip
+                          self._stun_server(), on_lost=self._path_lost)  # fmt: skip
         if standing is not None and standing.connection is not None:
             paths.use_relay(standing, False, now)
         elif self.config.call_relay:
@@ -578,10 +733,15 @@ class Daemon:
         if body.get("type") == "candidates":
             paths = active.connectivity
             if paths is not None and active.call.peer_device in (None, device):
-                self.counters["bad_candidates"] += paths.add_remote(body.get("candidates"), now)
+                if body.get("restart") is True:  # the peer moved: this is all it offers now
+                    dropped = paths.peer_restarted(body.get("candidates"), now)
+                else:
+                    dropped = paths.add_remote(body.get("candidates"), now)
+                self.counters["bad_candidates"] += dropped
             return
-        if active.call.peer_device in (None, device) or body.get("type") == "answer":
-            active.call.signal_untrusted(device, body, now)
+        # The call decides which device has a say: with several devices of the callee ringing,
+        # the first answer binds the call and the others are told to stop (call.signaling).
+        active.call.signal_untrusted(device, body, now)
 
     def _invite(self, sender: str, device: str, body: dict[str, Any], now: float) -> None:
         assert self.identity is not None
@@ -688,7 +848,8 @@ class Daemon:
             active.hangup_at = now + active.duration
         elif isinstance(active.source, wav.WavSource) and call.outgoing:
             active.hangup_at = None  # hung up when the file has been played
-        self._notify(active, {"event": "connected", "peer": call.peer})
+        self._notify(active, {"event": "connected", "peer": call.peer,
+                              "answered_by": call.answered_by})  # fmt: skip
         self._tasks.spawn(self._media_loop(active))
 
     async def _media_loop(self, active: ActiveCall) -> None:
@@ -756,6 +917,9 @@ class Daemon:
             "duration_s": 0.0 if call.connected_at is None else round(end - call.connected_at, 2),
             **summary,
             "end_reason": call.end_reason,
+            # the callee's device that took the call (several may have rung)
+            "answered_by": call.answered_by,
+            "peer_device": call.peer_device,
         }
 
     def _notify(self, active: ActiveCall, event: dict[str, Any]) -> None:
@@ -799,6 +963,8 @@ class Daemon:
                 if now >= self._next_publish:
                     self._publish(now)
                 self._call_tick(now)
+                for message in self.contacts.outgoing(now) if self.contacts else []:
+                    session.send(message, now)
                 self._send_signal_packets(session, node.address, now)
         elif self.attempts and all(s.state is State.FAILED for _n, s in self.attempts.values()):
             for node, _session in self.attempts.values():
@@ -845,7 +1011,8 @@ class Daemon:
         call: dict[str, Any] | None = None
         if self.call is not None:
             call = {"peer": self.call.call.peer, "state": self.call.call.state.value,
-                    "call_id": self.call.call.call_id}  # fmt: skip
+                    "call_id": self.call.call.call_id, "answered_by": self.call.call.answered_by,
+                    "end_reason": self.call.call.end_reason}  # fmt: skip
             if self.call.connectivity is not None:
                 call["connectivity"] = self.call.connectivity.status()
         supernode = None
@@ -861,6 +1028,7 @@ class Daemon:
             "reflexive": list(self.reflexive) if self.reflexive else None,
             # findable by others: the index confirmed holding the current presence record
             "published": self.current is not None and self.published_seq is not None,
+            "presence": self.presence_status,
             "nat": None if self.nat is None else self.nat.as_json(),
             "relay": None if self.relay is None else self.relay.status(),
             "call": call,
@@ -876,17 +1044,58 @@ class Daemon:
                 await self._control_call(request, reply)
             elif op in ("hangup", "answer"):
                 await reply(self._control_hangup_or_answer(str(op)))
+            elif op == "contacts" and self.contacts is not None:
+                await reply(self.contacts.control(request, time.time()))
+                self._pump(time.time())
             elif op == "shutdown":
                 await reply({"ok": True})
                 self._stop.set()
+            elif op == "lookup":
+                await reply(await self._control_lookup(request))
+            elif op == "set_status":
+                await reply(self._control_set_status(request))
             else:
                 await reply({"ok": False, "error": f"unknown op {op!r}"})
         except LocalError as exc:
             await reply({"ok": False, "error": str(exc)})
 
+    async def _control_lookup(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Ask the supernode where a user is: online (devices, supernodes) or last seen."""
+        user = request.get("user")
+        if not isinstance(user, str) or not 0 < len(user) <= 64:
+            return {"ok": False, "error": "lookup needs a user name"}
+        if self.current is None:
+            return {"ok": False, "error": "not attached to a supernode yet"}
+        ref = next(self._signal_ids)
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._lookups[ref] = waiter
+        self.current[1].send({"t": "lookup", "id": ref, "user": user}, time.time())
+        self._pump(time.time())
+        try:
+            result = await asyncio.wait_for(waiter, 10.0)
+        except TimeoutError:
+            return {"ok": False, "error": "the supernode did not answer the lookup"}
+        finally:
+            self._lookups.pop(ref, None)
+        return {"ok": True, "user": user, "status": result.get("status", "unknown"),
+                "last_seen": result.get("last_seen"),
+                "devices": result.get("devices", [])}  # fmt: skip
+
+    def _control_set_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        status = request.get("status")
+        if status not in presence.STATUSES - {"offline"}:
+            return {"ok": False, "error": "status must be online, away or busy"}
+        self.presence_status = str(status)
+        self._publish(time.time())
+        self._pump(time.time())
+        return {"ok": True, "status": self.presence_status}
+
     def _control_hangup_or_answer(self, op: str) -> dict[str, Any]:
         now = time.time()
         if self.call is None or self.call.call.state is CallState.ENDED:
+            ended = self.call.call.end_reason if self.call is not None else ""
+            if op == "answer" and ended in (ANSWERED_ON_ANOTHER_DEVICE, DECLINED_ON_ANOTHER_DEVICE):
+                return {"ok": False, "error": f"too late: the call was {ended}"}
             return {"ok": False, "error": "there is no call"}
         if op == "answer":
             self._accept(now)

@@ -7,6 +7,7 @@ login server's TLS are all checked against it, offline.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,17 @@ class CAMismatch(SecurityError):
 
 
 @dataclass(frozen=True)
+class ContactKeys:
+    """The keys of the user's encrypted contact list (`wire.contacts`): the one derived from
+    the password (the same on every device), when that password was set, and the list key once
+    this device holds it."""
+
+    password_key: bytes
+    password_set_at: float
+    list_key: bytes | None = None
+
+
+@dataclass(frozen=True)
 class Profile:
     """Who this data dir is (`user` holds the node id in a node's data dir) and where from."""
 
@@ -52,6 +64,7 @@ class IdentityStore:
         self.ca_path = data_dir / "ca.crt"
         self.profile_path = data_dir / "profile.json"
         self.bootstrap_path = data_dir / "bootstrap.json"
+        self.contact_keys_path = data_dir / "contacts-key.json"
 
     def _write(self, path: Path, data: bytes) -> None:
         private_dir(self.dir)
@@ -126,6 +139,30 @@ class IdentityStore:
                 f"no identity in {self.dir}; run `punchline signup` or `punchline login` first"
             )
         return profile
+
+    # ----------------------------------------------------------------- contact list keys
+
+    def contact_keys(self) -> ContactKeys | None:
+        try:
+            raw = json.loads(self.contact_keys_path.read_text())
+            list_key = raw.get("list_key")
+            return ContactKeys(
+                base64.b64decode(raw["password_key"], validate=True),
+                float(raw["password_set_at"]),
+                base64.b64decode(list_key, validate=True) if list_key else None,
+            )
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise LocalError(f"{self.contact_keys_path} is damaged: {exc}; log in again") from exc
+
+    def save_contact_keys(self, value: ContactKeys) -> None:
+        raw = {
+            "password_key": base64.b64encode(value.password_key).decode(),
+            "password_set_at": value.password_set_at,
+            "list_key": base64.b64encode(value.list_key).decode() if value.list_key else None,
+        }
+        self._write(self.contact_keys_path, json.dumps(raw).encode())
 
     # ----------------------------------------------------------------- bootstrap list
 

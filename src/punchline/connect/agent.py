@@ -27,6 +27,16 @@ Consent freshness follows RFC 7675 with voice-call timings: the pair in use is c
 quarter second and given up after `consent_timeout` (1.2 s) without an answer, so a dead
 path is replaced well within two seconds; other working pairs are checked every second, which
 also keeps their NAT mappings open.
+
+Restart (ICE restart, RFC 8445 §9, without new credentials): when one side's addresses change
+under a call (its NAT rebinds to new ports, the laptop joins another network), every pair
+towards or from the old addresses is dead, and the peer's port-filtering NAT drops checks
+from the new ones until the peer sends there first. The side that moved learns its new
+addresses, `restart`s (every pair is proven again from scratch) and sends its candidates with
+a restart flag; the peer `restart`s too, dropping what the moved side no longer offers, so
+both NATs open towards the new addresses at once. A path chosen in the `restart_window` after
+that says so ("restart") in the call report. A replaced socket or relay allocation under a
+base is `rebase`d: its pairs are checked again, through the new one.
 """
 
 from __future__ import annotations
@@ -114,6 +124,8 @@ class AgentConfig:
     probe_duration: float = 20.0
     buffered_max: int = 16
     seen_max: int = 1024
+    # A path chosen this soon after a restart is reported as the restart's ("restart").
+    restart_window: float = 10.0
 
 
 class PairState(Enum):
@@ -221,6 +233,8 @@ class Agent:
         self._tokens_at = now
         self.selected: Pair | None = None
         self._selected_at = now
+        self._restart_until = 0.0
+        self._had_path = False
         self._counters: Counter[str] = Counter()
         self.closed = False
 
@@ -263,8 +277,16 @@ class Agent:
             self._bases[base][0].append(candidate)
 
     def add_remote(self, candidate: Candidate, now: float) -> bool:
-        if any(c.address == candidate.address for c in self._remote):
-            return False
+        known = next((c for c in self._remote if c.address == candidate.address), None)
+        if known is not None:
+            if known.kind != "prflx" or candidate.kind == "prflx":
+                return False
+            # Seen first as the source of a check on one base (peer-reflexive), now announced:
+            # every base tries it (after a restart it is the peer's new address).
+            self._remote[self._remote.index(known)] = candidate
+            for base in self._bases:
+                self._pair(base, candidate, now)
+            return True
         if len(self._remote) >= self.config.max_remote:
             self._counters["dropped_candidates"] += 1
             return False
@@ -272,6 +294,76 @@ class Agent:
         for base in self._bases:
             self._pair(base, candidate, now)
         return True
+
+    # ----------------------------------------------------------------- restarts
+
+    def replace_local(self, base: str, candidates: list[Candidate]) -> None:
+        """Our addresses on `base` changed (another network, a new NAT mapping): the peer can
+        reach it at `candidates` now, and only there."""
+        if base in self._bases:
+            self._bases[base] = (list(candidates), self._bases[base][1])
+
+    def restart(self, now: float) -> None:
+        """Addresses changed on one side: prove every pair again from scratch.
+
+        The pair in use stays in use and is checked at once: if it survived, nothing is heard
+        of the restart. Every other pair goes back to checking, best first and paced, so a
+        pair that died with the old addresses can no longer be failed over to, and one that
+        works again (the peer's NAT now lets our new mapping in) is found within a round trip.
+        Birthday sockets are left to their own slow rhythm."""
+        self._restart_until = now + self.config.restart_window
+        self._counters["restarts"] += 1
+        others = [p for p in self._pairs.values()
+                  if p is not self.selected and p.base not in self._slow]  # fmt: skip
+        self._recheck(others, now)
+        if self.selected is not None:
+            self.selected.next_check = now
+
+    def peer_restarted(self, candidates: list[Candidate], now: float) -> None:
+        """The peer's addresses changed and `candidates` is all it offers now: forget what it
+        no longer offers (but the pair in use: consent decides about that one), add the new
+        ones, restart. A call that moves many times never runs into the candidate limit."""
+        keep = {c.address for c in candidates}
+        if self.selected is not None:
+            keep.add(self.selected.remote.address)
+        for remote in list(self._remote):
+            if remote.address in keep:
+                continue
+            routes = [r for r, p in self._pairs.items() if p.remote.address == remote.address]
+            for route in routes:
+                del self._pairs[route]
+            self._remote.remove(remote)
+            self._counters["forgotten_candidates"] += 1
+        for candidate in candidates:
+            self.add_remote(candidate, now)
+        self.restart(now)
+
+    def rebase(
+        self, base: str, candidates: list[Candidate], now: float, relay_via: str | None = None
+    ) -> None:
+        """The socket or relay allocation behind `base` was replaced (the old one died with
+        the old network): its pairs are proven again through the new one, and a new relay
+        allocation is asked to let every peer address in again."""
+        if base not in self._bases:
+            self.add_base(base, candidates, now, relay_via=relay_via)
+            return
+        self._bases[base] = (list(candidates), self._bases[base][1])
+        if relay_via is not None:
+            self._relay_via[base] = relay_via
+        pairs = [p for p in self._pairs.values() if p.base == base]
+        if base in self._relay_via:
+            self._events += [NeedPermission(base, p.remote.address) for p in pairs]
+        self._recheck(pairs, now)
+        if self.selected is not None and self.selected.base == base:
+            self._select(self._best_live(), "failover", now)
+
+    def _recheck(self, pairs: list[Pair], now: float) -> None:
+        ordered = sorted(pairs, key=lambda p: p.priority, reverse=True)
+        for rank, pair in enumerate(ordered):
+            at = now + rank * self.config.pacing
+            pair.state, pair.tries, pair.first_check, pair.next_check = (
+                PairState.CHECKING, 0, at, at)  # fmt: skip
+            pair.lost_since = None
 
     def _pair(self, base: str, remote: Candidate, now: float) -> Pair | None:
         _candidates, accept = self._bases[base]
@@ -404,6 +496,9 @@ class Agent:
                 return
             target = found
         pair = target
+        if self._pairs.get(pair.route) is not pair:
+            self._counters["unexpected"] += 1  # forgotten since (the peer restarted)
+            return
         if (base, *source) != pair.route:
             self._counters["unexpected"] += 1  # not symmetric: this is not the pair we tested
             return
@@ -502,8 +597,11 @@ class Agent:
         if not self._better(pair, now):
             return
         previous = self.selected
-        if previous is None:
-            reason = "first path"
+        if now < self._restart_until:
+            reason = "restart"
+            self._restart_until = 0.0  # later changes are ordinary upgrades again
+        elif previous is None:
+            reason = "failover" if self._had_path else "first path"
         elif previous.state is not PairState.VALID:
             reason = "failover"
         elif previous.relayed and not pair.relayed:
@@ -515,6 +613,7 @@ class Agent:
     def _select(self, pair: Pair | None, reason: str, now: float) -> None:
         self.selected = pair
         self._selected_at = now
+        self._had_path = self._had_path or pair is not None
         if pair is None:
             self._events.append(PathChanged(None, "none", "", "", reason))
             return
@@ -601,7 +700,13 @@ class Agent:
         pair.next_check = now + self.config.backup_interval
         self._counters["paths_lost"] += 1
         if pair is self.selected:
-            self._select(self._best_live(), "failover", now)
+            best = self._best_live()
+            reason = "failover"
+            if best is not None and now < self._restart_until and (best.valid_since or 0.0) >= (
+                self._restart_until - self.config.restart_window
+            ):
+                reason, self._restart_until = "restart", 0.0  # a pair the restart proved
+            self._select(best, reason, now)
 
     def _check(self, pair: Pair, now: float) -> None:
         self._transactions[self._send_check(pair.route, now)] = (pair, now)

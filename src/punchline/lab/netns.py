@@ -6,7 +6,12 @@ sweep leftovers of a crashed run without touching anything else on the machine.
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
+import struct
 import subprocess
+import sys
 from collections.abc import Sequence
 
 from punchline.errors import LocalError
@@ -100,3 +105,34 @@ def cleanup(prefix: str) -> list[str]:
     for name in removed:
         delete_ns(name)
     return removed
+
+
+# ctnetlink (linux/netfilter/nfnetlink_conntrack.h): a DELETE naming no connection flushes
+# the table of the family, like `conntrack -F` (conntrack-tools is not in the lab's packages).
+_NETLINK_NETFILTER = 12
+_CT_DELETE = (1 << 8) | 2  # NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE
+_NLM_F_REQUEST_ACK = 0x1 | 0x4
+_NLMSG_ERROR = 2
+
+
+def flush_conntrack(ns: str) -> None:
+    """Forget every IPv4 connection the namespace's conntrack tracks (its NAT mappings
+    included): the next packet of each flow is new to the NAT, as after a router reboot or
+    a carrier NAT's timeout."""
+    code = "from punchline.lab.netns import flush_conntrack_here; flush_conntrack_here()"
+    ns_run(ns, [sys.executable, "-c", code])
+
+
+def flush_conntrack_here() -> None:
+    """`flush_conntrack` for the namespace this process runs in."""
+    body = struct.pack("=BBH", socket.AF_INET, 0, 0)  # nfgenmsg: family, version, res_id
+    header = struct.pack("=IHHII", 16 + len(body), _CT_DELETE, _NLM_F_REQUEST_ACK, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
+        sock.bind((0, 0))
+        sock.send(header + body)
+        answer = sock.recv(4096)
+    kind = struct.unpack_from("=H", answer, 4)[0]
+    error = struct.unpack_from("=i", answer, 16)[0] if kind == _NLMSG_ERROR else 0
+    if error not in (0, -2):  # (ENOENT: nothing to flush)
+        name = errno.errorcode.get(-error, str(-error))
+        raise LabError(f"flushing conntrack failed: {name} ({os.strerror(-error)})")

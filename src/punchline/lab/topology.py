@@ -70,6 +70,7 @@ class Lab:
         self.sites: dict[str, Site] = {}
         self._ports = 0
         self._sites = 0
+        self._moves = 0
         self._processes: list[subprocess.Popen[bytes]] = []
         self.impairment_method: str | None = None
         self._old_sigterm: Any = None
@@ -334,6 +335,59 @@ class Lab:
         if daemon.poll() is None and "Port forwarding is now enabled" in detail:
             return
         raise LabError(f"miniupnpd did not start mapping on the upnp router: {detail[-600:]}")
+
+    # ----------------------------------------------------------------- network changes
+
+    def _home(self, site: Site) -> str:
+        """The namespace holding the site's LAN bridge and the NAT its hosts sit behind."""
+        if site.router_ns is None:
+            raise LabError(f"site {site.name} has no router")
+        return site.router_ns + ("-home" if site.kind.startswith("double") else "")
+
+    def rebind(self, site: Site, host: Host | None = None, shift: int = 1000) -> dict[int, int]:
+        """The site's NAT forgets its mappings and maps `host`'s UDP sockets anew, each to
+        another public port (its port plus `shift`, wrapped), the same for every destination:
+        NAT rebinding as after a router reboot or a carrier NAT's timeout, endpoint-
+        independent as before. (Linux's masquerade alone would hand the old ports out again
+        after a flush.) Returns {old port: new port}."""
+        home, host = self._home(site), host or site.host
+        listing = netns.ns_run(host.ns, ["ss", "-Huan"])
+        ports = sorted({int(line.split()[3].rsplit(":", 1)[1]) for line in listing.splitlines()
+                        if len(line.split()) >= 5})  # fmt: skip
+        if not ports:
+            raise LabError(f"{host.name} has no UDP socket to rebind")
+        moved = {p: 1024 + (p - 1024 + shift) % (65536 - 1024) for p in ports}
+        wan_ip = netns.ns_run(home, ["ip", "-4", "-o", "addr", "show", "dev", "wan"]).split()[3]
+        mapping = ", ".join(f"{a} : {b}" for a, b in moved.items())
+        netns.ns_run(home, ["nft", "insert", "rule", "ip", "punchline_lab", "nat_post",
+                            "oifname", '"wan"', "ip", "saddr", host.ip, "udp", "sport",
+                            "{", ", ".join(map(str, ports)), "}", "snat", "to",
+                            wan_ip.split("/")[0], ":", "udp", "sport", "map",
+                            "{", mapping, "}"])  # fmt: skip
+        netns.flush_conntrack(home)
+        return moved
+
+    def move_host(self, host: Host, site: Site) -> Host:
+        """A laptop joins another network: `host` (its namespace and processes, sockets
+        included) is cabled to `site`'s LAN with the next free address, its default route
+        switched there, and its old cable pulled. Returns the host as it is now."""
+        home = self._home(site)
+        lan = site.host.ip.rsplit(".", 1)[0]
+        self._moves += 1
+        used = {h.ip for h in site.hosts}
+        ip = next(f"{lan}.{n}" for n in range(10, 250) if f"{lan}.{n}" not in used)
+        old_dev = netns.ns_run(host.ns, ["ip", "-o", "-4", "route", "show", "default"]).split()
+        device = f"mv{self._moves}"
+        netns.veth(home, device, host.ns, device)
+        netns.ns_run(home, ["ip", "link", "set", device, "master", "lan"])
+        netns.address(host.ns, device, f"{ip}/24")
+        netns.ns_run(host.ns, ["ip", "route", "replace", "default", "via", f"{lan}.1",
+                               "dev", device])  # fmt: skip
+        if "dev" in old_dev:
+            netns.ns_run(host.ns, ["ip", "link", "del", old_dev[old_dev.index("dev") + 1]])
+        moved = Host(host.name, host.ns, ip)
+        site.hosts.append(moved)
+        return moved
 
     # ----------------------------------------------------------------- running things
 

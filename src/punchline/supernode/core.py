@@ -11,6 +11,13 @@ by address, so a client whose NAT mapping changed keeps its session.
 Trust: every presence record is verified before it is stored or served; a client may only
 publish its own records naming this supernode; only supernodes may hand signals over to
 another supernode. Signal bodies are end-to-end material this node does not open.
+
+Presence: a record that fails verification is dropped and counted (`forged_record`,
+`expired_record`), and so is one with a lower sequence number than one already seen for its
+device (`stale_record`). With each publish a client hands over a pre-signed offline record;
+when its session ends (bye or silence) this node puts that record, keeps it alive (custody) and
+sends it to two more supernodes picked by rendezvous hashing, which keep it too, so the user
+stays findable, offline with a last-seen time, for 72 hours even if this node dies.
 """
 
 from __future__ import annotations
@@ -25,8 +32,11 @@ from cryptography import x509
 
 from punchline.crypto import handshake
 from punchline.identity.certs import Role
+from punchline.overlay.custody import custodians
+from punchline.overlay.index import presence_key
 from punchline.session.channel import ChannelConfig, SecureChannel
 from punchline.session.outbound import Identity, OutboundSession
+from punchline.supernode.watch import Watch
 from punchline.wire import presence
 from punchline.wire import session as wire
 
@@ -44,6 +54,8 @@ class CoreConfig:
     hello_cache_seconds: float = 30.0
     channel: ChannelConfig = field(default_factory=lambda: ChannelConfig(ping_interval=None))
     link_channel: ChannelConfig = field(default_factory=ChannelConfig)
+    # Other supernodes that keep a detached user's offline record alive besides this one.
+    offline_custodians: int = 2
 
 
 @dataclass
@@ -54,6 +66,9 @@ class Session:
     device: str | None = None
     record: dict[str, Any] | None = None
     seq: int = 0  # of `record`, verified when it was published
+    confirmed: bool = False  # the index holds `record`
+    offline: dict[str, Any] | None = None  # pre-signed, put when the session ends
+    offline_seq: int = -1
 
     @property
     def subject(self) -> str:
@@ -78,9 +93,20 @@ class Link:
 
 @dataclass(frozen=True)
 class Publish:
+    """Put `record` into the index and keep it alive there until `until` (custody)."""
+
     user: str
     device: str
     record: dict[str, Any]
+    until: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True)
+class Release:
+    """Stop keeping this device's record alive (its session ended without an offline record)."""
+
+    user: str
+    device: str
 
 
 @dataclass(frozen=True)
@@ -89,7 +115,7 @@ class Lookup:
     user: str
 
 
-Action = Publish | Lookup
+Action = Publish | Lookup | Release
 
 
 @dataclass
@@ -116,6 +142,10 @@ class SupernodeCore:
         self.sessions: dict[bytes, Session] = {}
         self.by_user: dict[str, dict[str, Session]] = {}
         self.links: dict[str, Link] = {}
+        # The live supernodes of the bootstrap list (node id -> {"node_id", "addresses"}).
+        self.peers: dict[str, dict[str, Any]] = {}
+        # Highest sequence number put per (user, device), and until when it matters.
+        self.seqs: dict[tuple[str, str], tuple[int, float]] = {}
         self._hellos: dict[bytes, tuple[bytes, float]] = {}
         self._pending: dict[int, _PendingLookup] = {}
         self._refs = itertools.count(1)
@@ -124,9 +154,11 @@ class SupernodeCore:
         self.counters: dict[str, int] = {
             "malformed": 0, "refused_hello": 0, "sessions_opened": 0, "sessions_closed": 0,
             "unknown_session": 0, "bad_record": 0, "signals_routed": 0, "signals_undeliverable": 0,
-            "stun": 0, "forbidden": 0,
+            "stun": 0, "forbidden": 0, "forged_record": 0, "stale_record": 0,
+            "expired_record": 0, "offline_put": 0, "custody_sent": 0, "custody_received": 0,
         }  # fmt: skip
         self.started = now
+        self.watch = Watch(identity.ca)  # contacts: live presence, lists and requests
 
     @property
     def ca(self) -> x509.Certificate:
@@ -222,35 +254,158 @@ class SupernodeCore:
             return
         if kind == "publish":
             self._publish(session, message.get("record"), now)
+            if "offline" in message:
+                self._offline_record(session, message.get("offline"), now)
         elif kind == "lookup":
             self._lookup(session, "lookup", message)
         elif kind == "signal":
             self._signal(session, message, now)
         elif kind == "deliver" and session.is_supernode:
             self._deliver(message, now)
+        elif kind == "custody" and session.is_supernode:
+            self._custody_received(session, message.get("record"), now)
+        elif kind in Watch.MESSAGES and not session.is_supernode:
+            self.watch.message(session.channel.session_id, session.subject, message, now)
         elif kind == "bye":
-            self._close(session, "said goodbye")
+            self._close(session, "said goodbye", now)
         else:
             self.counters["forbidden" if kind == "deliver" else "malformed"] += 1
+
+    def _rejected(self, exc: presence.PresenceError, origin: str, user: object = None) -> None:
+        """Count a record that failed verification, and say so in the log."""
+        self.counters["bad_record"] += 1
+        self.counters["expired_record" if exc.kind == "expired" else "forged_record"] += 1
+        if exc.kind != "expired":
+            log.warning("presence record rejected", origin=origin, user=user, reason=str(exc))
+
+    def _stale(self, checked: presence.Presence, origin: str) -> bool:
+        """A lower sequence number than one already put for this device: dropped, counted."""
+        known = self.seqs.get((checked.user, checked.device))
+        if known is None or checked.seq >= known[0]:
+            return False
+        self.counters["bad_record"] += 1
+        self.counters["stale_record"] += 1
+        log.info("stale presence record dropped", origin=origin, user=checked.user,
+                 device=checked.device, seq=checked.seq, known=known[0])  # fmt: skip
+        return True
+
+    def _saw(self, checked: presence.Presence) -> None:
+        ident = (checked.user, checked.device)
+        known = self.seqs.get(ident)
+        if known is None or checked.seq >= known[0]:
+            self.seqs[ident] = (checked.seq, checked.expires)
 
     def _publish(self, session: Session, record: object, now: float) -> None:
         try:
             checked = presence.verify_untrusted(record, self.ca, now, session.subject)
         except presence.PresenceError as exc:
-            self.counters["bad_record"] += 1
+            self._rejected(exc, "client", session.subject)
             session.channel.send({"t": "error", "message": str(exc)}, now)
             return
         if checked.supernode.get("node_id") != self.node_id:
             self.counters["bad_record"] += 1
             session.channel.send({"t": "error", "message": "record names another supernode"}, now)
             return
+        if checked.status == "offline":
+            self.counters["bad_record"] += 1
+            session.channel.send({"t": "error", "message": "say bye to go offline"}, now)
+            return
         assert isinstance(record, dict)
+        if session.record == record and session.device == checked.device:
+            if session.confirmed:  # a republish of what the index holds: custody keeps it
+                session.channel.send({"t": "published", "seq": session.seq}, now)
+            return
+        if self._stale(checked, "client"):
+            session.channel.send({"t": "error", "message": "stale presence record"}, now)
+            return
         previous = session.device
         if previous is not None and previous != checked.device:
             self.by_user.get(session.subject, {}).pop(previous, None)
+            self._actions.append(Release(session.subject, previous))
+            session.offline = None
         session.device, session.record, session.seq = checked.device, record, checked.seq
+        session.confirmed = False
+        if session.offline is not None and session.offline_seq <= checked.seq:
+            session.offline = None  # older than this record: useless once it is put
+        self._saw(checked)
         self.by_user.setdefault(session.subject, {})[checked.device] = session
-        self._actions.append(Publish(session.subject, checked.device, record))
+        self._actions.append(Publish(session.subject, checked.device, record, checked.expires))
+
+    def _offline_record(self, session: Session, record: object, now: float) -> None:
+        """Keep the client's pre-signed offline record, to put when its session ends."""
+        try:
+            checked = presence.verify_untrusted(record, self.ca, now, session.subject)
+        except presence.PresenceError as exc:
+            self._rejected(exc, "client", session.subject)
+            return
+        if (
+            checked.status != "offline"
+            or checked.device != session.device
+            or checked.seq <= session.seq
+            or checked.expires > now + presence.LAST_SEEN_WINDOW + 3600
+        ):
+            self.counters["bad_record"] += 1
+            session.channel.send({"t": "error", "message": "unusable offline record"}, now)
+            return
+        assert isinstance(record, dict)
+        session.offline, session.offline_seq = record, checked.seq
+
+    def _went_offline(self, session: Session, now: float) -> None:
+        """The session of a device ended: put its offline record, or stop keeping it online."""
+        if session.device is None:
+            return
+        user, device = session.subject, session.device
+        try:
+            checked = presence.verify_untrusted(session.offline, self.ca, now, user)
+        except presence.PresenceError:
+            self._actions.append(Release(user, device))
+            return
+        assert session.offline is not None
+        self._saw(checked)
+        self.counters["offline_put"] += 1
+        self._actions.append(Publish(user, device, session.offline, checked.expires))
+        others = [n for n in self.peers if n != self.node_id]
+        for node_id in custodians(presence_key(user), others, self.config.offline_custodians):
+            if self._send_to_node(node_id, {"t": "custody", "record": session.offline}, now):
+                self.counters["custody_sent"] += 1
+
+    def _custody_received(self, session: Session, record: object, now: float) -> None:
+        """Another supernode asks this one to keep an offline record alive too."""
+        try:
+            checked = presence.verify_untrusted(record, self.ca, now)
+        except presence.PresenceError as exc:
+            self._rejected(exc, f"supernode {session.subject}")
+            return
+        if checked.status != "offline":
+            self.counters["bad_record"] += 1
+            return
+        if self._stale(checked, f"supernode {session.subject}"):
+            return
+        assert isinstance(record, dict)
+        self._saw(checked)
+        self.counters["custody_received"] += 1
+        self._actions.append(Publish(checked.user, checked.device, record, checked.expires))
+
+    def set_peers(self, nodes: list[dict[str, Any]]) -> None:
+        """The live supernodes (from the CA-signed bootstrap list): custodians come from here."""
+        self.peers = {
+            str(n["node_id"]): {"node_id": str(n["node_id"]), "addresses": n.get("addresses", [])}
+            for n in nodes
+            if isinstance(n, dict) and isinstance(n.get("node_id"), str)
+        }
+
+    def _send_to_node(self, node_id: str, message: dict[str, Any], now: float) -> bool:
+        """Send a message to another supernode over this node's link to it."""
+        route = _udp_route(self.peers.get(node_id, {}))
+        if route is None:
+            return False
+        link = self.links.get(node_id)
+        if link is None or link.session.state.value == "failed":
+            outbound = OutboundSession(self.identity, node_id, now, Role.SUPERNODE,
+                                       self.config.link_channel)  # fmt: skip
+            link = self.links[node_id] = Link(node_id, route, outbound)
+        link.session.send(message, now)
+        return True
 
     def _lookup(self, session: Session, kind: str, request: dict[str, Any]) -> None:
         user = request.get("user") if kind == "lookup" else request.get("to")
@@ -266,6 +421,7 @@ class SupernodeCore:
         (a call placed before this lands while the DHT put is still under way)."""
         session = self.by_user.get(user, {}).get(device)
         if session is not None and session.record is record:
+            session.confirmed = True
             session.channel.send({"t": "published", "seq": session.seq}, now)
 
     def lookup_done(self, ref: int, records: list[dict[str, Any]], now: float) -> None:
@@ -273,31 +429,52 @@ class SupernodeCore:
         if pending is None:
             return
         user = pending.user
-        valid = []
-        for record in records:
-            try:
-                valid.append((presence.verify_untrusted(record, self.ca, now, str(user)), record))
-            except presence.PresenceError:
-                self.counters["bad_record"] += 1
-        for local in self.by_user.get(str(user), {}).values():
-            if local.record is None:
-                continue
-            try:
-                checked = presence.verify_untrusted(local.record, self.ca, now, str(user))
-            except presence.PresenceError:
-                continue  # expired while the client stayed attached without republishing
-            valid.append((checked, local.record))
-        best = {p.device: (p, r) for p, r in sorted(valid, key=lambda pr: pr[0].seq)}
+        best = self.best_records(user, records, now)
         session = self.sessions.get(pending.session_id)
         if pending.kind == "lookup":
             if session is not None:
+                summary = presence.summarize(user, [p for p, _r in best.values()])
                 session.channel.send(
                     {"t": "lookup_result", "id": pending.request.get("id"), "user": user,
-                     "records": [r for _p, r in best.values()]},
+                     "records": [r for p, r in best.values() if p.status != "offline"],
+                     **summary.as_json()},
                     now,
                 )  # fmt: skip
             return
-        self._route(session, pending.request, [p for p, _r in best.values()], now)
+        reachable = [p for p, _r in best.values() if p.status != "offline"]
+        self._route(session, pending.request, reachable, now)
+
+    def best_records(
+        self, user: str, records: list[dict[str, Any]], now: float
+    ) -> dict[str, tuple[presence.Presence, dict[str, Any]]]:
+        """The freshest verified record per device, from the index and this node's sessions.
+
+        Records failing verification are dropped and counted; so are records older than one
+        seen for the same device (the DHT holds older copies until they expire, and a replayed
+        one must not win)."""
+        valid = []
+        for record in records:
+            try:
+                valid.append((presence.verify_untrusted(record, self.ca, now, user), record))
+            except presence.PresenceError as exc:
+                self._rejected(exc, "index", user)
+        for local in self.by_user.get(user, {}).values():
+            if local.record is None:
+                continue
+            try:
+                checked = presence.verify_untrusted(local.record, self.ca, now, user)
+            except presence.PresenceError:
+                continue  # expired while the client stayed attached without republishing
+            valid.append((checked, local.record))
+        best: dict[str, tuple[presence.Presence, dict[str, Any]]] = {}
+        for checked, record in sorted(valid, key=lambda pr: pr[0].seq):
+            current = best.get(checked.device)
+            if current is not None and current[1] != record and current[0].seq < checked.seq:
+                self.counters["stale_record"] += 1
+            best[checked.device] = (checked, record)
+        for checked, _record in best.values():
+            self._saw(checked)
+        return best
 
     # ----------------------------------------------------------------- signaling
 
@@ -422,12 +599,14 @@ class SupernodeCore:
 
     # ----------------------------------------------------------------- time and output
 
-    def _close(self, session: Session, why: str) -> None:
+    def _close(self, session: Session, why: str, now: float | None = None) -> None:
         self.sessions.pop(session.channel.session_id, None)
+        self.watch.drop(session.channel.session_id)
         if session.device is not None:
             devices = self.by_user.get(session.subject, {})
             if devices.get(session.device) is session:
                 del devices[session.device]
+                self._went_offline(session, session.channel.last_heard if now is None else now)
             if not devices:
                 self.by_user.pop(session.subject, None)
         self.counters["sessions_closed"] += 1
@@ -436,13 +615,15 @@ class SupernodeCore:
     def handle_timer(self, now: float) -> None:
         for session in list(self.sessions.values()):
             if now >= session.channel.last_heard + self.config.session_timeout:
-                self._close(session, "silent")
+                self._close(session, "silent", now)
             else:
                 session.channel.handle_timer(now)
         for link in self.links.values():
             link.session.handle_timer(now)
         self._reap_links(now)
         self._hellos = {h: v for h, v in self._hellos.items() if v[1] > now}
+        if len(self.seqs) > 10_000:  # forget sequence numbers of records long expired
+            self.seqs = {k: v for k, v in self.seqs.items() if v[1] > now - 3600}
 
     def next_timer(self) -> float:
         times = [s.channel.next_timer() for s in self.sessions.values()]
@@ -454,6 +635,9 @@ class SupernodeCore:
 
     def datagrams(self, now: float) -> list[tuple[bytes, Route]]:
         out, self._out = self._out, []
+        for session_id, message in self.watch.pushes():
+            if (target := self.sessions.get(session_id)) is not None:
+                target.channel.send(message, now)
         for session in self.sessions.values():
             out += [(d, session.route) for d in session.channel.datagrams(now)]
         for link in self.links.values():

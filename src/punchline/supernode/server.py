@@ -20,13 +20,15 @@ from punchline.nat.discover import stun_servers
 from punchline.nat.stun_service import StunService
 from punchline.node import lifecycle
 from punchline.node.enrolment import NodeAddress
+from punchline.overlay.custody import Custody
 from punchline.overlay.dht import DhtConfig, DhtIndex
-from punchline.overlay.index import PresenceIndex
+from punchline.overlay.index import PresenceIndex, device_value_id, presence_key
 from punchline.relay.server import RelayServer, RelayServerConfig
 from punchline.runtime import streams
 from punchline.runtime.driver import Driver
 from punchline.session.outbound import Identity
-from punchline.supernode.core import CoreConfig, Lookup, Publish, Route, SupernodeCore
+from punchline.supernode.core import CoreConfig, Lookup, Publish, Release, Route, SupernodeCore
+from punchline.supernode.watch import WatchRunner
 from punchline.util import sockets
 from punchline.util.files import atomic_write, private_dir
 from punchline.util.tasks import Tasks
@@ -35,6 +37,9 @@ from punchline.wire import session as wire
 log = structlog.get_logger(component="supernode")
 
 READY_FILE = "supernode.json"
+# Counters of the core, the DHT node and custody, rewritten when they change (for operators
+# and tests: forged, stale and expired records dropped, offline records put and shared).
+STATUS_FILE = "supernode-status.json"
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,9 @@ class SupernodeServer:
         self._tasks = Tasks()
         self._conn_ids = 0
         self.index: PresenceIndex | None = None
+        # Keeps the records of attached (and recently detached) users alive in the DHT.
+        self.custody: Custody | None = None
+        self.watcher: WatchRunner | None = None  # contacts: overlay listens for clients
         self.core: SupernodeCore | None = None
         self.driver: Driver | None = None
         self.relay: RelayServer | None = None
@@ -118,6 +126,8 @@ class SupernodeServer:
             )
         )
         self.index = dht
+        self.custody = Custody(dht)
+        self._tasks.spawn(self.custody.run())
         addresses = self._addresses(udp_port, dht.port)
         roles = [certs.Role.SUPERNODE]
         if self.config.relay is not None:
@@ -134,6 +144,7 @@ class SupernodeServer:
         node_id = keys.key_id(identity.key.public_key())
         self.core = SupernodeCore(identity, node_id, time.time(), self.config.core, self._stun())
         self.driver = Driver(self.core, self._flush)
+        self.watcher = WatchRunner(dht, self.core.watch, self.driver.poke, self.custody.keep)
         tls = lifecycle.tls_context(self.store)
         self._listeners.append(tcp_sock)
         for port in self.config.tcp_ports:
@@ -149,6 +160,7 @@ class SupernodeServer:
             self._renewed,
         )
         self._tasks.spawn(heartbeats)
+        self._tasks.spawn(self._write_status())
         ready = {
             "node_id": node_id,
             "pid": os.getpid(),
@@ -194,14 +206,21 @@ class SupernodeServer:
                 self._tasks.spawn(self._publish(action))
             elif isinstance(action, Lookup):
                 self._tasks.spawn(self._lookup(action))
+            elif isinstance(action, Release) and self.custody is not None:
+                self.custody.release(presence_key(action.user), device_value_id(action.device))
+        if self.watcher is not None:
+            self.watcher.run(self.core.watch.actions())
 
     async def _publish(self, action: Publish) -> None:
         assert self.index is not None
+        key, value_id = presence_key(action.user), device_value_id(action.device)
         try:
             await self.index.publish(action.user, action.device, action.record)
         except Exception as exc:  # the DHT failing must not kill the node
             log.warning("index publish failed", user=action.user, error=str(exc))
             return
+        if self.custody is not None:
+            self.custody.keep(key, value_id, action.record, action.until, put_now=False)
         if self.core is not None and self.driver is not None:
             self.core.published(action.user, action.device, action.record, time.time())
             self.driver.poke()
@@ -238,8 +257,38 @@ class SupernodeServer:
             self._tcp.pop(name, None)
             writer.close()
 
+    def status(self) -> dict[str, Any]:
+        return {
+            "node_id": None if self.core is None else self.core.node_id,
+            "sessions": 0 if self.core is None else len(self.core.sessions),
+            "counters": {} if self.core is None else dict(self.core.counters),
+            "dht": dict(self.index.counters) if isinstance(self.index, DhtIndex) else {},
+            "custody": {} if self.custody is None else self.custody.status(),
+        }
+
+    async def _write_status(self) -> None:
+        """Rewrite the status file when something changed, and log what was dropped."""
+        last: dict[str, Any] = {}
+        while True:
+            status = self.status()
+            if status != last:
+                atomic_write(self.config.data_dir / STATUS_FILE,
+                             json.dumps(status).encode(), 0o644)  # fmt: skip
+                counters, before = status["counters"], last.get("counters", {})
+                dropped = {k: counters.get(k, 0) for k in
+                           ("forged_record", "stale_record", "expired_record")}  # fmt: skip
+                if any(dropped[k] != before.get(k, 0) for k in dropped):
+                    log.info("presence records dropped so far", **dropped)
+                last = status
+            await asyncio.sleep(1.0)
+
     def _listing(self, listing: dict[str, Any]) -> None:
         self._bootstrap_dht(listing)
+        if self.core is not None:
+            self.core.set_peers(
+                [n for n in listing.get("nodes", [])
+                 if isinstance(n, dict) and "supernode" in n.get("roles", [])]
+            )  # fmt: skip
         own = self.core.node_id if self.core is not None else None
         peers = stun_servers(listing, ("supernode",))
         self.stun.set_peers(s.address for s in peers if s.name != own)  # for change-IP
@@ -266,6 +315,10 @@ class SupernodeServer:
 
     async def stop(self) -> None:
         self._tasks.cancel()
+        if self.watcher is not None:
+            self.watcher.close()
+        if self.custody is not None:
+            self.custody.close()
         for listener in self._listeners:
             listener.close()
         self.stun.close()
@@ -278,6 +331,7 @@ class SupernodeServer:
         if self.relay is not None:
             await self.relay.stop()
         (self.config.data_dir / READY_FILE).unlink(missing_ok=True)
+        (self.config.data_dir / STATUS_FILE).unlink(missing_ok=True)
 
 
 async def run(config: SupernodeConfig) -> None:

@@ -4,6 +4,11 @@ The record is signed by the user's own key and carries the user's certificate, s
 verifies it against the CA alone: supernodes store and serve records but cannot forge or alter
 them. No IP address of the user is in it; peers learn addresses only while setting up a call.
 A higher sequence number replaces a lower one for the same device; an expired record is ignored.
+
+Going offline is a record too: with each publish the client hands its supernode a pre-signed
+"offline" record (status offline, `last_seen`, a higher sequence number, a 72-hour expiry) that
+the supernode puts when the client detaches, so anyone who was online in the last 72 hours is
+found, offline, with the time they were last seen.
 """
 
 from __future__ import annotations
@@ -24,10 +29,20 @@ from punchline.util.jsontext import loads_untrusted
 
 CONTEXT = "presence"
 STATUSES = frozenset({"online", "away", "busy", "offline"})
+LAST_SEEN_WINDOW = 72 * 3600.0  # how long a user who went offline stays findable
+CLOCK_SKEW = 300.0  # a last-seen time this far in the future is still believed
 
 
 class PresenceError(RemoteError):
-    """A record that is malformed, forged, expired or not the user's own."""
+    """A record that is malformed, forged, expired or not the user's own.
+
+    `kind` tells counters apart: "forged" (fails verification: signature, CA, certificate,
+    user mismatch, malformed fields) or "expired" (genuine but past its expiry).
+    """
+
+    def __init__(self, message: str, kind: str = "forged") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,7 @@ class Presence:
     seq: int
     expires: float
     certificate_der: bytes
+    last_seen: float | None = None  # offline records: when the user was last online
 
     def newer_than(self, other: Presence) -> bool:
         return self.seq > other.seq
@@ -53,8 +69,9 @@ def make(
     seq: int,
     expires: float,
     status: str = "online",
+    last_seen: float | None = None,
 ) -> dict[str, str]:
-    payload = {
+    payload: dict[str, Any] = {
         "v": 1,
         "user": user,
         "device": device,
@@ -64,7 +81,23 @@ def make(
         "seq": seq,
         "expires": expires,
     }
+    if last_seen is not None:
+        payload["last_seen"] = last_seen
     return signed.sign_document(key, CONTEXT, payload)
+
+
+def make_offline(
+    key: Ed25519PrivateKey,
+    certificate: x509.Certificate,
+    user: str,
+    device: str,
+    supernode: dict[str, Any],
+    seq: int,
+    now: float,
+) -> dict[str, str]:
+    """The record a supernode puts for this device once it detaches: findable for 72 hours."""
+    return make(key, certificate, user, device, supernode, seq, now + LAST_SEEN_WINDOW,
+                "offline", last_seen=now)  # fmt: skip
 
 
 def verify_untrusted(
@@ -79,7 +112,7 @@ def verify_untrusted(
             raise PresenceError("presence payload must be an object")
         der = base64.b64decode(str(claimed.get("cert")), validate=True)
         cert = certs.load_untrusted(der)
-        info = certs.verify(cert, ca_cert, now, certs.Role.USER)
+        info = certs.verify(cert, ca_cert, _signed_at(claimed, now), certs.Role.USER)
         payload = signed.open_document_untrusted(info.public_key, CONTEXT, record)
     except (ValueError, binascii.Error, certs.CertificateError, signed.BadSignature) as exc:
         raise PresenceError(f"presence record rejected: {exc}") from exc
@@ -105,9 +138,43 @@ def verify_untrusted(
         raise PresenceError(f"record for {name!r} is signed by {info.subject!r}")
     if user is not None and name != user:
         raise PresenceError(f"asked for {user!r}, got a record for {name!r}")
+    last_seen = _last_seen(payload, status)
+    if last_seen is not None and (last_seen > now + CLOCK_SKEW or seq > (last_seen + 60) * 1000):
+        raise PresenceError("presence record's last-seen time or sequence number is impossible")
     if expires < now:
-        raise PresenceError("presence record has expired")
-    return Presence(name, device, supernode, status, seq, float(expires), der)
+        raise PresenceError("presence record has expired", "expired")
+    return Presence(name, device, supernode, status, seq, float(expires), der, last_seen)
+
+
+def _signed_at(claimed: dict[str, Any], now: float) -> float:
+    """When the certificate must have been valid: now, except for an offline record, which
+    outlives the user's day-long certificate (72 hours) and is checked at its last-seen time.
+
+    Safe because an offline record's sequence number may not exceed its last-seen time in
+    milliseconds (clients number records by the clock): one signed with an old key while its
+    certificate was valid can never outrank the records the user made since.
+    """
+    last_seen = claimed.get("last_seen")
+    if (
+        claimed.get("status") == "offline"
+        and isinstance(last_seen, int | float)
+        and not isinstance(last_seen, bool)
+        and math.isfinite(last_seen)
+        and last_seen <= now + CLOCK_SKEW
+    ):
+        return float(last_seen)
+    return now
+
+
+def _last_seen(payload: dict[str, Any], status: str) -> float | None:
+    value = payload.get("last_seen")
+    if value is None:
+        if status == "offline":
+            raise PresenceError("an offline record must say when the user was last seen")
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise PresenceError("presence record has a malformed last-seen time")
+    return float(value)
 
 
 def freshest(records: list[Presence]) -> list[Presence]:
@@ -118,3 +185,42 @@ def freshest(records: list[Presence]) -> list[Presence]:
         if current is None or record.newer_than(current):
             best[record.device] = record
     return sorted(best.values(), key=lambda r: r.device)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a lookup tells: online (any device not offline) with where each device is
+    attached, or offline with the latest last-seen time; "unknown" when nothing was found."""
+
+    user: str
+    status: str  # online, away, busy, offline or unknown
+    devices: list[Presence]  # reachable devices (freshest record not offline)
+    last_seen: float | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "user": self.user,
+            "status": self.status,
+            "last_seen": self.last_seen,
+            "devices": [
+                {"device": d.device, "status": d.status, "supernode": d.supernode.get("node_id"),
+                 "seq": d.seq}
+                for d in self.devices
+            ],
+        }  # fmt: skip
+
+
+def summarize(user: str, records: list[Presence]) -> Summary:
+    """The lookup answer over verified records: freshest per device decides.
+
+    Several online devices: the "most available" status wins (online over busy over away).
+    """
+    best = freshest(records)
+    reachable = [r for r in best if r.status != "offline"]
+    seen = [r.last_seen for r in best if r.status == "offline" and r.last_seen is not None]
+    last_seen = max(seen, default=None)
+    if reachable:
+        rank = {"online": 0, "busy": 1, "away": 2}
+        status = min((r.status for r in reachable), key=lambda s: rank.get(s, 3))
+        return Summary(user, status, reachable, None)
+    return Summary(user, "offline" if best else "unknown", [], last_seen)

@@ -1,0 +1,625 @@
+"""The global index on OpenDHT at scale: lookups, live presence, churn, cost (issue 7).
+
+N "supernodes" are N processes of bench/index_worker.py, each running K DHT nodes of punchline's
+own `overlay.dht.DhtIndex` (K = ceil(300 / N) unless given, so there are always >= 300 DHT
+nodes). R users are attached round-robin to the supernodes, which publish their real signed
+presence records (`wire.presence.make`, certificates from a throw-away CA). Then:
+
+- lookups: random users looked up from a supernode they are not attached to (a non-contact),
+  verified like a supernode does; latency, success, and the requests the looking node sent
+  (OpenDHT's own per-node counters). With --delay every packet waits that long on loopback
+  (netem), so latency / (2 x delay) counts the round trips a lookup needed.
+- presence: contacts' supernodes listen on users' keys; the users change status and the time
+  until each watcher has the new, verified record is the propagation time.
+- churn: 30% of the supernode processes are SIGKILLed at once. Their users' clients re-attach
+  to survivors, which republish them (a new sequence number naming the new supernode); probe
+  rounds look up a fixed sample until every user is found at its current supernode.
+- cost: RSS per supernode process, requests sent per DHT node, and bytes per node on the
+  private loopback (the bench runs in its own network namespace when root, so every byte on
+  its `lo` is the DHT's).
+
+Progress goes to stderr; a table (or one JSON object with --json) to stdout.
+
+    .venv/bin/python bench/index.py [--supernodes 20,100] [--records 100000] [--delay 5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from punchline.identity import certs, keys
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "index_worker.py"
+MIN_DHT_NODES = 300
+NETNS_MARK = "PUNCHLINE_BENCH_INDEX_NETNS"
+LO_TX = Path("/sys/class/net/lo/statistics/tx_bytes")
+
+Say = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------- pure helpers
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile (p in 0..100): a value that was actually measured."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def nodes_per_process(supernodes: int, wanted: int | None) -> int:
+    return wanted if wanted else max(1, math.ceil(MIN_DHT_NODES / supernodes))
+
+
+def choose_victims(supernodes: int, fraction: float, rng: random.Random) -> list[int]:
+    """The supernodes killed together: round(fraction x N) of them, at least one, never all."""
+    count = min(supernodes - 1, max(1, round(fraction * supernodes)))
+    return sorted(rng.sample(range(supernodes), count))
+
+
+def rehome(users: Iterable[int], survivors: Sequence[int]) -> dict[int, list[int]]:
+    """Where the clients of dead supernodes re-attach: spread evenly over the survivors."""
+    moved: dict[int, list[int]] = {}
+    for user in users:
+        moved.setdefault(survivors[user % len(survivors)], []).append(user)
+    return moved
+
+
+def repair_time(rounds: Sequence[dict[str, Any]]) -> float | None:
+    """Seconds from the kill to the end of the first probe round that found every user, if the
+    rounds stayed complete from then on."""
+    for i, row in enumerate(rounds):
+        if all(r["found"] == r["probed"] for r in rounds[i:]):
+            return float(row["end_s"])
+    return None
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+
+
+# ---------------------------------------------------------------------- processes
+
+
+class WorkerProcess:
+    """One supernode process and its JSON-lines conversation."""
+
+    def __init__(self, index: int, proc: asyncio.subprocess.Process) -> None:
+        self.index = index
+        self.proc = proc
+        self.ports: list[int] = []
+        self.alive = True
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, index: int, nodes: int, material: Path, bootstrap: Sequence[str],
+                    log_dir: Path) -> WorkerProcess:  # fmt: skip
+        with (log_dir / f"worker{index:03d}.log").open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(WORKER), "--worker", str(index), "--nodes", str(nodes),
+                "--ca", str(material), "--bootstrap", *bootstrap,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, limit=1 << 24,
+            )  # fmt: skip
+        worker = cls(index, proc)
+        ready = await asyncio.wait_for(worker._ready, 120)
+        worker.ports = [int(p) for p in ready["ports"]]
+        return worker
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            message = json.loads(line)
+            if message.get("ready"):
+                self._ready.set_result(message)
+                continue
+            future = self._waiting.pop(int(message["id"]), None)
+            if future is not None and not future.done():
+                future.set_result(message)
+        self.alive = False
+        failure = ConnectionError(f"supernode process {self.index} is gone")
+        if not self._ready.done():
+            self._ready.set_exception(failure)
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(failure)
+        self._waiting.clear()
+
+    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        if not self.alive:
+            raise ConnectionError(f"supernode process {self.index} is gone")
+        ident = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[ident] = future
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"id": ident, "op": op, **fields}).encode() + b"\n")
+        reply = await future
+        if not reply.get("ok"):
+            raise RuntimeError(f"supernode {self.index}: {op} failed: {reply.get('error')}")
+        return reply
+
+    def kill(self) -> None:
+        self.alive = False
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None and self.alive:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(b'{"op":"quit"}\n')
+            try:
+                await asyncio.wait_for(self.proc.wait(), 15)
+            except TimeoutError:
+                pass
+        self.kill()
+        await self.proc.wait()
+        self._reader.cancel()
+
+
+def _rss(pid: int) -> int | None:
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return None
+
+
+def _lo_bytes() -> int:
+    return int(LO_TX.read_text())
+
+
+# ---------------------------------------------------------------------- one network size
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace, supernodes: int, say: Say, work: Path) -> None:
+        self.args = args
+        self.n = supernodes
+        self.k = nodes_per_process(supernodes, args.nodes_per_process)
+        self.say = say
+        self.work = work
+        self.rng = random.Random(args.seed * 1000 + supernodes)  # noqa: S311 - sampling
+        self.workers: list[WorkerProcess] = []
+        self.owner: dict[int, int] = {}
+        self.seq: dict[int, int] = {}
+        self.result: dict[str, Any] = {"supernodes": supernodes, "nodes_per_supernode": self.k,
+                                       "dht_nodes": supernodes * self.k,
+                                       "records": args.records}  # fmt: skip
+        self.t0 = time.monotonic()
+
+    def log(self, text: str) -> None:
+        self.say(f"[N={self.n} {time.monotonic() - self.t0:6.1f}s] {text}")
+
+    def alive(self) -> list[WorkerProcess]:
+        return [w for w in self.workers if w.alive]
+
+    def _counted(self) -> dict[str, Any]:
+        return {"lo_bytes": _lo_bytes() if self.args.netns else None, "at": time.monotonic()}
+
+    async def stats(self) -> dict[str, int]:
+        replies = await asyncio.gather(*(w.call("stats") for w in self.alive()))
+        total: dict[str, int] = {}
+        for reply in replies:
+            for name, value in {**reply["sent"], **reply["counters"]}.items():
+                total[name] = total.get(name, 0) + int(value)
+            total["bad_records"] = total.get("bad_records", 0) + int(reply["bad_records"])
+        return total
+
+    # ------------------------------------------------------------------ phases
+
+    async def start(self, material: Path) -> None:
+        first = await WorkerProcess.start(0, self.k, material, [], self.work)
+        self.workers.append(first)
+        known = [f"127.0.0.1:{p}" for p in first.ports]
+        gate = asyncio.Semaphore(8)  # process start-up is CPU: a few at a time
+
+        async def one(index: int) -> WorkerProcess:
+            async with gate:
+                peers = self.rng.sample(known, min(3, len(known)))
+                worker = await WorkerProcess.start(index, self.k, material, peers, self.work)
+                known.extend(f"127.0.0.1:{p}" for p in worker.ports)
+                return worker
+
+        self.workers += await asyncio.gather(*(one(i) for i in range(1, self.n)))
+        self.log(f"{self.n} supernode processes up, {self.n * self.k} DHT nodes")
+        await asyncio.sleep(self.args.warmup)
+
+    async def publish(self) -> None:
+        users: dict[int, list[int]] = {}
+        for user in range(self.args.records):
+            owner = user % self.n
+            self.owner[user] = owner
+            self.seq[user] = 1
+            users.setdefault(owner, []).append(user)
+        done = 0
+        before = self._counted()
+        stats_before = await self.stats()
+
+        async def feed(worker: WorkerProcess, mine: list[int]) -> None:
+            nonlocal done
+            for start in range(0, len(mine), self.args.chunk):
+                chunk = mine[start : start + self.args.chunk]
+                await worker.call("publish", users=chunk, seq=1, parallel=self.args.put_parallel)
+                done += len(chunk)
+
+        async def progress() -> None:
+            while True:
+                await asyncio.sleep(10)
+                rate = done / (time.monotonic() - before["at"])
+                self.log(f"published {done}/{self.args.records} ({rate:.0f}/s)")
+
+        reporter = asyncio.create_task(progress())
+        try:
+            await asyncio.gather(*(feed(self.workers[o], u) for o, u in users.items()))
+        finally:
+            reporter.cancel()
+        seconds = time.monotonic() - before["at"]
+        stats = await self.stats()
+        self.result["publish"] = {
+            "seconds": seconds,
+            "per_second": self.args.records / seconds,
+            "puts": stats.get("puts", 0) - stats_before.get("puts", 0),
+            "reputs_on_miss": stats.get("reputs_on_miss", 0)
+            - stats_before.get("reputs_on_miss", 0),
+            "put_failures": stats.get("put_failures", 0) - stats_before.get("put_failures", 0),
+            "bytes_per_node_per_s": self._rate(before, seconds),
+        }
+        self.log(f"published {self.args.records} records in {seconds:.0f} s")
+        await asyncio.sleep(self.args.settle)
+
+    def _rate(self, before: dict[str, Any], seconds: float) -> float | None:
+        if before["lo_bytes"] is None:
+            return None
+        return float((_lo_bytes() - before["lo_bytes"]) / (self.n * self.k) / seconds)
+
+    async def lookups(self) -> None:
+        gate = asyncio.Semaphore(self.args.parallel)
+        rows: list[dict[str, Any]] = []
+
+        async def one(user: int) -> None:
+            others = [w for w in self.alive() if w.index != self.owner[user]]
+            worker = self.rng.choice(others)
+            async with gate:
+                reply = await worker.call("lookup", user=user, measure=True)
+            reply["wanted"] = self.seq[user]
+            rows.append(reply)
+
+        users = self.rng.sample(range(self.args.records), min(self.args.lookups, self.args.records))
+        await asyncio.gather(*(one(u) for u in users))
+        ok = [r for r in rows if (r.get("seq") or 0) >= r["wanted"]]
+        latency = [float(r["ms"]) for r in rows]
+        gets = [float(r["sent"]["get"]) for r in rows]
+        out: dict[str, Any] = {
+            "count": len(rows),
+            "success": len(ok) / max(1, len(rows)),
+            "ms_p50": percentile(latency, 50),
+            "ms_p95": percentile(latency, 95),
+            "ms_p99": percentile(latency, 99),
+            "get_requests_p50": percentile(gets, 50),
+            "round_trips_p50": None,
+        }
+        if self.args.delay > 0:
+            trips = [float(r["ms"]) / (2 * self.args.delay) for r in ok]
+            out["round_trips_p50"] = percentile(trips, 50)
+            out["round_trips_p95"] = percentile(trips, 95)
+        self.result["lookup"] = out
+        self.log(f"lookups: {out['success']:.2%} found, p50 {_ms(out['ms_p50'])} ms, "
+                 f"p99 {_ms(out['ms_p99'])} ms, {out['get_requests_p50']} get requests p50")  # fmt: skip
+
+    async def presence(self) -> None:
+        """Contacts' supernodes subscribe; the users change status; how soon does each see it."""
+        users = self.rng.sample(range(self.args.records), min(self.args.watches, self.args.records))
+        watcher: dict[int, WorkerProcess] = {}
+        for user in users:
+            watcher[user] = self.rng.choice([w for w in self.alive() if w.index != self.owner[user]])
+        by_watcher: dict[int, list[int]] = {}
+        for user, w in watcher.items():
+            by_watcher.setdefault(w.index, []).append(user)
+        await asyncio.gather(*(self.workers[i].call("watch", users=u) for i, u in by_watcher.items()))
+        await asyncio.sleep(self.args.listen_settle)
+        started: dict[int, float] = {}
+        gate = asyncio.Semaphore(self.args.parallel)
+
+        async def change(user: int) -> None:
+            self.seq[user] += 1
+            async with gate:
+                reply = await self.workers[self.owner[user]].call(
+                    "update", user=user, seq=self.seq[user], status="away")  # fmt: skip
+            started[user] = float(reply["started"])
+
+        await asyncio.gather(*(change(u) for u in users))
+        await asyncio.sleep(self.args.propagation_wait)
+        seen: dict[int, float] = {}
+        for index, mine in by_watcher.items():
+            wanted = {u: self.seq[u] for u in mine}
+            for seq in set(wanted.values()):
+                reply = await self.workers[index].call(
+                    "seen", users=[u for u in mine if wanted[u] == seq], seq=seq)  # fmt: skip
+                seen.update({int(u): float(t) for u, t in reply["seen"].items()})
+        delays = [(seen[u] - started[u]) * 1000 for u in users if u in seen and u in started]
+        out = {"watched": len(users), "seen": len(delays) / max(1, len(users)),
+               "ms_p50": percentile(delays, 50), "ms_p95": percentile(delays, 95),
+               "ms_max": max(delays, default=None)}  # fmt: skip
+        self.result["presence"] = out
+        self.log(f"presence: {out['seen']:.2%} of {len(users)} changes seen, "
+                 f"p50 {_ms(out['ms_p50'])} ms, p95 {_ms(out['ms_p95'])} ms")  # fmt: skip
+
+    async def cost(self) -> None:
+        """A quiet window: what running the index costs when nothing happens but upkeep."""
+        before = self._counted()
+        first = await self.stats()
+        await asyncio.sleep(self.args.idle)
+        seconds = time.monotonic() - before["at"]
+        last = await self.stats()
+        requests = sum(last.get(f, 0) - first.get(f, 0) for f in ("ping", "find", "get",
+                                                                  "listen", "put"))  # fmt: skip
+        rss = [r for w in self.alive() if (r := _rss(w.proc.pid)) is not None]
+        total_sent = {f: last.get(f, 0) for f in ("ping", "find", "get", "listen", "put")}
+        self.result["cost"] = {
+            "rss_mb_p50": (percentile(rss, 50) or 0) / 2**20,
+            "rss_mb_max": max(rss, default=0) / 2**20,
+            "idle_requests_per_node_per_s": requests / (self.n * self.k) / seconds,
+            "idle_bytes_per_node_per_s": self._rate(before, seconds),
+            "requests_sent_total": total_sent,
+            "bad_records": last.get("bad_records", 0),
+        }
+        self.log(f"cost: RSS p50 {self.result['cost']['rss_mb_p50']:.0f} MB per supernode")
+
+    async def churn(self) -> None:
+        victims = choose_victims(self.n, self.args.kill, self.rng)
+        probe = self.rng.sample(range(self.args.records), min(self.args.probe, self.args.records))
+        killed_at = time.monotonic()
+        for index in victims:
+            self.workers[index].kill()
+        self.log(f"killed {len(victims)} of {self.n} supernodes at once")
+        dead = set(victims)
+        orphans = [u for u, o in self.owner.items() if o in dead]
+        survivors = [w.index for w in self.alive()]
+        moves = rehome(orphans, survivors)
+        for new_owner, users in moves.items():
+            for user in users:
+                self.owner[user] = new_owner
+                self.seq[user] += 1
+        rounds: list[dict[str, Any]] = []
+        rehomed_at: float | None = None
+
+        async def reattach() -> None:
+            nonlocal rehomed_at
+            await asyncio.sleep(self.args.reattach)
+
+            async def feed(index: int, users: list[int]) -> None:
+                for start in range(0, len(users), self.args.chunk):
+                    chunk = users[start : start + self.args.chunk]
+                    for seq in sorted({self.seq[u] for u in chunk}):
+                        await self.workers[index].call(
+                            "publish", users=[u for u in chunk if self.seq[u] == seq], seq=seq,
+                            parallel=self.args.put_parallel)  # fmt: skip
+
+            await asyncio.gather(*(feed(i, u) for i, u in moves.items()))
+            rehomed_at = time.monotonic() - killed_at
+            self.log(f"{len(orphans)} users re-attached and republished by "
+                     f"{rehomed_at:.1f} s after the kill")  # fmt: skip
+
+        reattaching = asyncio.create_task(reattach())
+        orphan_set = set(orphans)
+        deadline = killed_at + self.args.repair_timeout
+        while True:
+            row = await self._probe_round(probe, killed_at, orphan_set)
+            rounds.append(row)
+            self.log(f"after kill +{row['end_s']:5.1f} s: {row['found']}/{row['probed']} found "
+                     f"({row['orphans_found']}/{row['orphans']} re-attached users)")  # fmt: skip
+            complete = row["found"] == row["probed"]
+            if (complete and reattaching.done()) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(self.args.probe_interval)
+        if not reattaching.done():
+            reattaching.cancel()
+        final = await self._probe_round(
+            self.rng.sample(range(self.args.records), min(self.args.final_check, self.args.records)),
+            killed_at, orphan_set)  # fmt: skip
+        self.result["churn"] = {
+            "killed": len(victims),
+            "orphaned_users": len(orphans),
+            "first_round_success": rounds[0]["found"] / max(1, rounds[0]["probed"]),
+            "first_round_survivor_users": (rounds[0]["found"] - rounds[0]["orphans_found"])
+            / max(1, rounds[0]["probed"] - rounds[0]["orphans"]),
+            "reattached_s": rehomed_at,
+            "repair_s": repair_time(rounds),
+            "final_success": final["found"] / max(1, final["probed"]),
+            "final_checked": final["probed"],
+            "rounds": rounds,
+        }
+        self.log(f"after repair: {final['found']}/{final['probed']} found")
+
+    async def _probe_round(self, users: list[int], killed_at: float,
+                           orphans: set[int]) -> dict[str, Any]:  # fmt: skip
+        gate = asyncio.Semaphore(self.args.probe_parallel)
+        begin = time.monotonic() - killed_at
+        found: list[int] = []
+        alive = self.alive()
+
+        async def one(user: int) -> None:
+            async with gate:
+                reply = await self.rng.choice(alive).call("lookup", user=user, measure=False)
+            if (reply.get("seq") or 0) >= self.seq[user]:
+                found.append(user)
+
+        await asyncio.gather(*(one(u) for u in users))
+        return {"start_s": begin, "end_s": time.monotonic() - killed_at, "probed": len(users),
+                "found": len(found), "orphans": sum(1 for u in users if u in orphans),
+                "orphans_found": sum(1 for u in found if u in orphans)}  # fmt: skip
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
+
+
+async def run_size(args: argparse.Namespace, supernodes: int, material: Path, say: Say,
+                   work: Path) -> dict[str, Any]:  # fmt: skip
+    run = Run(args, supernodes, say, work)
+    try:
+        await run.start(material)
+        await run.publish()
+        await run.lookups()
+        await run.presence()
+        await run.cost()
+        await run.churn()
+    finally:
+        await run.stop()
+    run.result["seconds"] = time.monotonic() - run.t0
+    return run.result
+
+
+# ---------------------------------------------------------------------- output
+
+
+def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2%}"
+
+    def col(r: dict[str, Any]) -> str:
+        return f"N={r['supernodes']} ({r['supernodes']}×{r['nodes_per_supernode']} DHT nodes)"
+
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("records published (rate)", lambda r: f"{r['records']:,} ({r['publish']['per_second']:.0f}/s)"),
+        ("lookup success (non-contacts)", lambda r: pct(r["lookup"]["success"])),
+        ("lookup latency p50 / p95 / p99", lambda r: " / ".join(
+            _ms(r["lookup"][k]) for k in ("ms_p50", "ms_p95", "ms_p99")) + " ms"),
+        ("get requests sent per lookup, p50", lambda r: _ms(r["lookup"]["get_requests_p50"])),
+        ("round trips per lookup p50 / p95", lambda r: "-" if r["lookup"]["round_trips_p50"] is None
+         else f"{r['lookup']['round_trips_p50']:.1f} / {r['lookup']['round_trips_p95']:.1f}"),
+        ("presence change seen by contact p50 / p95", lambda r: (
+            f"{_ms(r['presence']['ms_p50'])} / {_ms(r['presence']['ms_p95'])} ms "
+            f"({pct(r['presence']['seen'])} seen)")),
+        ("30% killed: found in first round", lambda r: pct(r["churn"]["first_round_success"])),
+        ("30% killed: users of survivors found", lambda r: pct(r["churn"]["first_round_survivor_users"])),
+        ("30% killed: repair time (all found)", lambda r: "never" if r["churn"]["repair_s"] is None
+         else f"{r['churn']['repair_s']:.1f} s"),
+        ("30% killed: success after repair", lambda r: (
+            f"{pct(r['churn']['final_success'])} of {r['churn']['final_checked']:,}")),
+        ("RSS per supernode p50 / max", lambda r: (
+            f"{r['cost']['rss_mb_p50']:.0f} / {r['cost']['rss_mb_max']:.0f} MB")),
+        ("idle requests sent per DHT node", lambda r: f"{r['cost']['idle_requests_per_node_per_s']:.1f}/s"),
+        ("bytes per DHT node, idle / publishing", lambda r: (
+            "-" if r["cost"]["idle_bytes_per_node_per_s"] is None else
+            f"{r['cost']['idle_bytes_per_node_per_s'] / 1000:.1f} / "
+            f"{r['publish']['bytes_per_node_per_s'] / 1000:.0f} kB/s")),
+    ]  # fmt: skip
+    lines = ["| figure | " + " | ".join(col(r) for r in results) + " |",
+             "|---|" + "---|" * len(results)]  # fmt: skip
+    for name, cell in rows:
+        lines.append(f"| {name} | " + " | ".join(cell(r) for r in results) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- namespace and main
+
+
+def _enter_netns(delay: float) -> None:
+    """Re-run this bench in a fresh network namespace (root): its own `lo`, optional netem."""
+    if os.environ.get(NETNS_MARK):
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        if delay > 0:
+            subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay",
+                            f"{delay}ms", "limit", "1000000"], check=True)  # fmt: skip
+        return
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise SystemExit("unshare (util-linux) is needed for the private namespace; or --no-netns")
+    env = {**os.environ, NETNS_MARK: "1"}
+    done = subprocess.run([unshare, "--net", sys.executable, *sys.argv], env=env, check=False)
+    raise SystemExit(done.returncode)
+
+
+def _material(path: Path, seed: int) -> None:
+    key = keys.generate()
+    cert = certs.create_ca(key, time.time() - 60)
+    path.write_text(json.dumps({"key": keys.private_to_pem(key).decode(),
+                                "cert": certs.to_pem(cert),
+                                "seed": random.Random(seed).randbytes(32).hex()}))  # noqa: S311  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--supernodes", default="20,100", help="comma-separated N (processes)")
+    parser.add_argument("--nodes-per-process", type=int, default=0,
+                        help=f"DHT nodes per process (default: enough for {MIN_DHT_NODES})")
+    parser.add_argument("--records", type=int, default=100_000, help="users published")
+    parser.add_argument("--lookups", type=int, default=2000, help="timed lookups")
+    parser.add_argument("--parallel", type=int, default=4, help="timed lookups in flight")
+    parser.add_argument("--watches", type=int, default=300, help="presence changes watched")
+    parser.add_argument("--kill", type=float, default=0.3, help="fraction of supernodes killed")
+    parser.add_argument("--probe", type=int, default=2000, help="users probed per repair round")
+    parser.add_argument("--probe-parallel", type=int, default=64)
+    parser.add_argument("--probe-interval", type=float, default=1.0)
+    parser.add_argument("--final-check", type=int, default=10_000,
+                        help="users looked up once repair is done")
+    parser.add_argument("--reattach", type=float, default=3.0,
+                        help="seconds before orphaned clients republish via a survivor")
+    parser.add_argument("--repair-timeout", type=float, default=120.0)
+    parser.add_argument("--delay", type=float, default=0.0,
+                        help="one-way netem delay in ms on the private loopback (root)")
+    parser.add_argument("--no-netns", dest="netns", action="store_false",
+                        help="stay on the host's loopback (no bytes figure, no delay)")
+    parser.add_argument("--chunk", type=int, default=250, help="users per publish request")
+    parser.add_argument("--put-parallel", type=int, default=32, help="puts in flight per process")
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--settle", type=float, default=3.0)
+    parser.add_argument("--listen-settle", type=float, default=3.0)
+    parser.add_argument("--propagation-wait", type=float, default=3.0)
+    parser.add_argument("--idle", type=float, default=10.0, help="seconds of the quiet window")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--keep", type=Path, help="keep the workers' logs here")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.netns and os.geteuid() != 0:
+        args.netns = False
+    if args.delay > 0 and not args.netns:
+        raise SystemExit("--delay needs the private namespace (root)")
+    if args.netns:
+        _enter_netns(args.delay)
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    sizes = [int(s) for s in args.supernodes.split(",") if s]
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench-index-"))
+    work.mkdir(parents=True, exist_ok=True)
+    material = work / "ca.json"
+    _material(material, args.seed)
+    results = []
+    for size in sizes:
+        results.append(asyncio.run(run_size(args, size, material, say, work)))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps({"args": vars(args) | {"keep": str(args.keep)}, "results": results}))
+        return
+    print(table(results, args))
+    print(f"\nrecords {args.records:,}; netem delay {args.delay} ms one way; "
+          f"{args.lookups} timed lookups ({args.parallel} in flight); {args.watches} watched "
+          f"changes; kill {args.kill:.0%} at once, probe {args.probe} users per round")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""One "supernode" process of bench/index.py: K OpenDHT nodes of punchline's own `DhtIndex`.
+
+Started by bench/index.py, never by hand. It speaks JSON lines: requests on stdin, one reply per
+request (same "id") on the protocol stream, which is the original stdout; fd 1 itself is pointed
+at stderr so nothing else (structlog, OpenDHT) can corrupt the protocol.
+
+Users are "attached" to this process when their index modulo the process count is its own; their
+keys derive from the run's seed and their certificates come from the run's throw-away CA, so a
+surviving process can also republish a user whose supernode died, as the re-attaching client
+would. Records are punchline's real signed presence records, verified on lookup exactly as a
+supernode verifies them (`wire.presence.verify_untrusted`, then the freshest per device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from punchline.identity import certs, keys
+from punchline.overlay.dht import DhtConfig, DhtIndex
+from punchline.overlay.index import Listening
+from punchline.util import logs
+from punchline.wire import presence
+
+DEVICE = "d1"
+RECORD_LIFETIME = 3600.0
+CERT_LIFETIME = 86_400.0
+STAT_FIELDS = ("ping", "find", "get", "listen", "put")
+
+
+def user_name(index: int) -> str:
+    return f"u{index:06d}"
+
+
+class Worker:
+    def __init__(self, args: argparse.Namespace, out_fd: int) -> None:
+        material = json.loads(Path(args.ca).read_text())
+        self.ca_key = keys.private_from_pem(material["key"].encode())
+        self.ca_cert = x509.load_pem_x509_certificate(material["cert"].encode())
+        self.seed = bytes.fromhex(material["seed"])
+        self.worker = args.worker
+        self.out_fd = out_fd
+        bootstrap = [(h, int(p)) for h, p in (b.rsplit(":", 1) for b in args.bootstrap if b)]
+        self.nodes = [
+            DhtIndex(DhtConfig(bind_host="127.0.0.1", bootstrap=bootstrap, unlimited_rate=True))
+            for _ in range(args.nodes)
+        ]
+        self.locks = [asyncio.Lock() for _ in self.nodes]
+        self.totals = [[0] * len(STAT_FIELDS) for _ in self.nodes]
+        self.identities: dict[int, tuple[Ed25519PrivateKey, x509.Certificate]] = {}
+        self.seq: dict[int, int] = {}
+        self.home: dict[int, int] = {}  # user -> local node the user is attached to
+        self.listens: list[Listening] = []
+        self.seen: dict[tuple[int, int], float] = {}  # (user, seq) -> monotonic time first seen
+        self.bad_records = 0
+        self.rng = random.Random(args.worker)  # noqa: S311 - sampling, not security
+
+    # ------------------------------------------------------------------ records
+
+    def identity(self, user: int) -> tuple[Ed25519PrivateKey, x509.Certificate]:
+        found = self.identities.get(user)
+        if found is None:
+            name = user_name(user)
+            key = Ed25519PrivateKey.from_private_bytes(
+                hashlib.sha256(self.seed + name.encode()).digest()
+            )
+            cert = certs.issue(self.ca_key, self.ca_cert, name, key.public_key(),
+                               [certs.Role.USER], time.time(), CERT_LIFETIME)  # fmt: skip
+            found = self.identities[user] = (key, cert)
+        return found
+
+    def record(self, user: int, node: int, seq: int, status: str) -> dict[str, str]:
+        key, cert = self.identity(user)
+        where = {
+            "node_id": f"sn{self.worker:03d}.{node}",
+            "addresses": [{"transport": "udp", "host": "127.0.0.1", "port": self.nodes[node].port}],
+        }
+        return presence.make(key, cert, user_name(user), DEVICE, where, seq,
+                             time.time() + RECORD_LIFETIME, status)  # fmt: skip
+
+    def verified(self, user: int, documents: list[dict[str, Any]]) -> list[presence.Presence]:
+        valid = []
+        now = time.time()
+        for document in documents:
+            try:
+                valid.append(presence.verify_untrusted(document, self.ca_cert, now, user_name(user)))
+            except presence.PresenceError:
+                self.bad_records += 1
+        return presence.freshest(valid)
+
+    def newest(self, user: int, documents: list[dict[str, Any]]) -> int | None:
+        """The highest verified sequence number found: the caller knows which one is current."""
+        return max((p.seq for p in self.verified(user, documents)), default=None)
+
+    # ------------------------------------------------------------------ stats
+
+    def harvest(self, node: int) -> list[int]:
+        """OpenDHT's per-node counts of requests sent, which reset on every read: add them up."""
+        fresh = [int(n) for n in self.nodes[node]._runner.getNodeMessageStats()]
+        total = self.totals[node]
+        for i, n in enumerate(fresh[: len(total)]):
+            total[i] += n
+        return fresh
+
+    # ------------------------------------------------------------------ operations
+
+    async def op_publish(self, users: list[int], seq: int, parallel: int) -> dict[str, Any]:
+        """Attach `users` here (spread over the local nodes) and publish their records."""
+        gate = asyncio.Semaphore(parallel)
+        failures = 0
+
+        async def one(user: int) -> None:
+            nonlocal failures
+            node = self.home.setdefault(user, user % len(self.nodes))
+            self.seq[user] = seq
+            document = self.record(user, node, seq, "online")
+            async with gate:
+                try:
+                    await self.nodes[node].publish(user_name(user), DEVICE, document)
+                except Exception:
+                    failures += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(one(u) for u in users))
+        return {"published": len(users), "failures": failures,
+                "seconds": time.monotonic() - started}  # fmt: skip
+
+    async def op_lookup(self, user: int, measure: bool) -> dict[str, Any]:
+        """One lookup from a random local node, verified like a supernode does.
+
+        With `measure`, lookups on that node run one at a time so the requests it sent in the
+        meantime (OpenDHT's counters) belong to this lookup alone.
+        """
+        node = self.rng.randrange(len(self.nodes))
+        if not measure:
+            started = time.monotonic()
+            documents = await self.nodes[node].lookup(user_name(user))
+            elapsed = time.monotonic() - started
+            return {"seq": self.newest(user, documents), "ms": elapsed * 1000}
+        async with self.locks[node]:
+            self.harvest(node)
+            started = time.monotonic()
+            documents = await self.nodes[node].lookup(user_name(user))
+            elapsed = time.monotonic() - started
+            sent = self.harvest(node)
+        return {"seq": self.newest(user, documents), "ms": elapsed * 1000,
+                "sent": dict(zip(STAT_FIELDS, sent, strict=False))}  # fmt: skip
+
+    def op_watch(self, users: list[int]) -> dict[str, Any]:
+        """Subscribe like a contact's supernode does: listen, verify, note when a seq shows up."""
+        for user in users:
+            node = self.rng.randrange(len(self.nodes))
+            self.listens.append(self.nodes[node].listen(
+                "presence/" + user_name(user), self._on_value(user)))  # fmt: skip
+        return {"watching": len(self.listens)}
+
+    def _on_value(self, user: int) -> Callable[[dict[str, Any]], None]:
+        def on_value(document: dict[str, Any]) -> None:
+            now = time.monotonic()
+            for record in self.verified(user, [document]):
+                self.seen.setdefault((user, record.seq), now)
+
+        return on_value
+
+    def op_seen(self, users: list[int], seq: int) -> dict[str, Any]:
+        return {"seen": {str(u): self.seen[(u, seq)] for u in users if (u, seq) in self.seen}}
+
+    async def op_update(self, user: int, seq: int, status: str) -> dict[str, Any]:
+        """The user changes status: its supernode publishes the new record (timed from here)."""
+        node = self.home[user]
+        self.seq[user] = seq
+        document = self.record(user, node, seq, status)
+        started = time.monotonic()
+        await self.nodes[node].publish(user_name(user), DEVICE, document)
+        return {"started": started, "put_ms": (time.monotonic() - started) * 1000}
+
+    def op_stats(self) -> dict[str, Any]:
+        for node in range(len(self.nodes)):
+            self.harvest(node)
+        counters: dict[str, int] = {}
+        for node in self.nodes:
+            for name, value in node.counters.items():
+                counters[name] = counters.get(name, 0) + value
+        sent = [sum(t[i] for t in self.totals) for i in range(len(STAT_FIELDS))]
+        return {"sent": dict(zip(STAT_FIELDS, sent, strict=True)), "counters": counters,
+                "bad_records": self.bad_records, "attached": len(self.home),
+                "listens": len(self.listens)}  # fmt: skip
+
+    async def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request["op"]
+        if op == "publish":
+            return await self.op_publish(request["users"], request["seq"], request["parallel"])
+        if op == "lookup":
+            return await self.op_lookup(request["user"], request["measure"])
+        if op == "watch":
+            return self.op_watch(request["users"])
+        if op == "seen":
+            return self.op_seen(request["users"], request["seq"])
+        if op == "update":
+            return await self.op_update(request["user"], request["seq"], request["status"])
+        if op == "stats":
+            return self.op_stats()
+        if op == "bootstrap":
+            for node in self.nodes:
+                for host, port in request["peers"]:
+                    node.bootstrap(host, int(port))
+            return {}
+        raise ValueError(f"unknown op {op!r}")
+
+    def send(self, message: dict[str, Any]) -> None:
+        os.write(self.out_fd, json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+    async def answer(self, request: dict[str, Any]) -> None:
+        try:
+            reply = await self.dispatch(request)
+            reply["ok"] = True
+        except Exception as exc:  # the coordinator reports it; this process stays up
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        reply["id"] = request.get("id")
+        self.send(reply)
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 24)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        self.send({"ready": True, "pid": os.getpid(), "ports": [n.port for n in self.nodes]})
+        tasks: set[asyncio.Task[None]] = set()
+        while line := await reader.readline():
+            request = json.loads(line)
+            if request.get("op") == "quit":
+                break
+            task = asyncio.create_task(self.answer(request))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        for listening in self.listens:
+            listening.cancel()
+        await asyncio.wait_for(asyncio.gather(*(n.close() for n in self.nodes)), 10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", type=int, required=True)
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--ca", required=True, help="JSON file: CA key and cert PEM, seed")
+    parser.add_argument("--bootstrap", nargs="*", default=[], help="host:port of running nodes")
+    args = parser.parse_args()
+    out_fd = os.dup(1)
+    os.dup2(2, 1)  # stray prints (ours, OpenDHT's) go to stderr, never into the protocol
+    logs.configure("WARNING")
+    asyncio.run(Worker(args, out_fd).serve())
+
+
+if __name__ == "__main__":
+    main()
