@@ -6,9 +6,11 @@ nodes). R users are attached round-robin to the supernodes, which publish their 
 presence records (`wire.presence.make`, certificates from a throw-away CA). Then:
 
 - lookups: random users looked up from a supernode they are not attached to (a non-contact),
-  verified like a supernode does; latency, success, and the requests the looking node sent
-  (OpenDHT's own per-node counters). With --delay every packet waits that long on loopback
-  (netem), so latency / (2 x delay) counts the round trips a lookup needed.
+  verified like a supernode does; latency, success, and packets per lookup (loopback counters
+  less the idle rate; OpenDHT's own per-node message counters deadlock from Python). On
+  loopback latency is CPU, not network, so one more DHT node, the "far node", sits in its own
+  namespace behind the lab's link of --delay ms each way: the time until its lookups hear
+  their first value, over the 2 x delay round trip, is the number of round trips they needed.
 - presence: contacts' supernodes listen on users' keys; the users change status and the time
   until each watcher has the new, verified record is the propagation time.
 - churn: 30% of the supernode processes are SIGKILLed at once. Their users' clients re-attach
@@ -50,7 +52,9 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "index_worker.py"
 MIN_DHT_NODES = 300
 NETNS_MARK = "PUNCHLINE_BENCH_INDEX_NETNS"
-LO_TX = Path("/sys/class/net/lo/statistics/tx_bytes")
+DHT_IP_ENV = "PUNCHLINE_BENCH_INDEX_DHT_IP"
+FAR_ENV = "PUNCHLINE_BENCH_INDEX_FAR"  # "namespace,address" of the node behind the delay
+NET_DEV = Path("/proc/self/net/dev")  # this process's namespace (/sys shows the mounter's)
 
 Say = Callable[[str], None]
 
@@ -116,11 +120,15 @@ class WorkerProcess:
 
     @classmethod
     async def start(cls, index: int, nodes: int, material: Path, bootstrap: Sequence[str],
-                    log_dir: Path) -> WorkerProcess:  # fmt: skip
+                    log_dir: Path, bind: str, far_ns: str | None = None) -> WorkerProcess:  # fmt: skip
+        """`far_ns`: the far node, in its own namespace behind the delayed link."""
+        prefix = ["ip", "netns", "exec", far_ns] if far_ns else []
+        extra = ["--probe"] if far_ns else []
         with (log_dir / f"worker{index:03d}.log").open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(WORKER), "--worker", str(index), "--nodes", str(nodes),
-                "--ca", str(material), "--bootstrap", *bootstrap,
+                *prefix, sys.executable, str(WORKER), "--worker", str(index), "--nodes",
+                str(nodes), "--ca", str(material), "--bind", bind, *extra,
+                "--bootstrap", *bootstrap,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, limit=1 << 24,
             )  # fmt: skip
         worker = cls(index, proc)
@@ -185,8 +193,14 @@ def _rss(pid: int) -> int | None:
         return None
 
 
-def _lo_bytes() -> int:
-    return int(LO_TX.read_text())
+def _lo(counter: str) -> int:
+    """A transmit counter ("bytes" or "packets") of this namespace's loopback."""
+    for line in NET_DEV.read_text().splitlines():
+        name, _, fields = line.partition(":")
+        if name.strip() == "lo":
+            values = fields.split()
+            return int(values[8] if counter == "bytes" else values[9])
+    raise RuntimeError("no loopback in /proc/self/net/dev")
 
 
 # ---------------------------------------------------------------------- one network size
@@ -201,6 +215,8 @@ class Run:
         self.work = work
         self.rng = random.Random(args.seed * 1000 + supernodes)  # noqa: S311 - sampling
         self.workers: list[WorkerProcess] = []
+        self.far: WorkerProcess | None = None
+        self.host = os.environ.get(DHT_IP_ENV, "127.0.0.1")
         self.owner: dict[int, int] = {}
         self.seq: dict[int, int] = {}
         self.result: dict[str, Any] = {"supernodes": supernodes, "nodes_per_supernode": self.k,
@@ -215,13 +231,23 @@ class Run:
         return [w for w in self.workers if w.alive]
 
     def _counted(self) -> dict[str, Any]:
-        return {"lo_bytes": _lo_bytes() if self.args.netns else None, "at": time.monotonic()}
+        """Loopback counters: in the private namespace every packet on `lo` is the DHT's."""
+        if not self.args.netns:
+            return {"bytes": None, "packets": None, "at": time.monotonic()}
+        return {"bytes": _lo("bytes"), "packets": _lo("packets"), "at": time.monotonic()}
+
+    def _per_node(self, before: dict[str, Any], what: str) -> float | None:
+        """Per DHT node and second since `before` (every packet on lo is sent by one node)."""
+        if before[what] is None:
+            return None
+        seconds = time.monotonic() - before["at"]
+        return float((_lo(what) - before[what]) / (self.n * self.k) / seconds)
 
     async def stats(self) -> dict[str, int]:
         replies = await asyncio.gather(*(w.call("stats") for w in self.alive()))
         total: dict[str, int] = {}
         for reply in replies:
-            for name, value in {**reply["sent"], **reply["counters"]}.items():
+            for name, value in reply["counters"].items():
                 total[name] = total.get(name, 0) + int(value)
             total["bad_records"] = total.get("bad_records", 0) + int(reply["bad_records"])
         return total
@@ -229,19 +255,29 @@ class Run:
     # ------------------------------------------------------------------ phases
 
     async def start(self, material: Path) -> None:
-        first = await WorkerProcess.start(0, self.k, material, [], self.work)
+        first = await WorkerProcess.start(0, self.k, material, [], self.work, self.host)
         self.workers.append(first)
-        known = [f"127.0.0.1:{p}" for p in first.ports]
+        known = [f"{self.host}:{p}" for p in first.ports]
         gate = asyncio.Semaphore(8)  # process start-up is CPU: a few at a time
 
         async def one(index: int) -> WorkerProcess:
             async with gate:
                 peers = self.rng.sample(known, min(3, len(known)))
-                worker = await WorkerProcess.start(index, self.k, material, peers, self.work)
-                known.extend(f"127.0.0.1:{p}" for p in worker.ports)
+                worker = await WorkerProcess.start(index, self.k, material, peers, self.work,
+                                                   self.host)  # fmt: skip
+                known.extend(f"{self.host}:{p}" for p in worker.ports)
                 return worker
 
         self.workers += await asyncio.gather(*(one(i) for i in range(1, self.n)))
+        # like supernodes reading the CA-signed list: everyone knows a few others to start with
+        await asyncio.gather(*(w.call("bootstrap", peers=[
+            (self.host, int(p.rsplit(":", 1)[1])) for p in self.rng.sample(known, 4)])
+            for w in self.workers))  # fmt: skip
+        far = os.environ.get(FAR_ENV)
+        if far:
+            far_ns, far_ip = far.split(",")
+            self.far = await WorkerProcess.start(self.n, 1, material, self.rng.sample(known, 4),
+                                                 self.work, far_ip, far_ns)  # fmt: skip
         self.log(f"{self.n} supernode processes up, {self.n * self.k} DHT nodes")
         await asyncio.sleep(self.args.warmup)
 
@@ -283,15 +319,10 @@ class Run:
             "reputs_on_miss": stats.get("reputs_on_miss", 0)
             - stats_before.get("reputs_on_miss", 0),
             "put_failures": stats.get("put_failures", 0) - stats_before.get("put_failures", 0),
-            "bytes_per_node_per_s": self._rate(before, seconds),
+            "bytes_per_node_per_s": self._per_node(before, "bytes"),
         }
         self.log(f"published {self.args.records} records in {seconds:.0f} s")
         await asyncio.sleep(self.args.settle)
-
-    def _rate(self, before: dict[str, Any], seconds: float) -> float | None:
-        if before["lo_bytes"] is None:
-            return None
-        return float((_lo_bytes() - before["lo_bytes"]) / (self.n * self.k) / seconds)
 
     async def lookups(self) -> None:
         gate = asyncio.Semaphore(self.args.parallel)
@@ -301,31 +332,70 @@ class Run:
             others = [w for w in self.alive() if w.index != self.owner[user]]
             worker = self.rng.choice(others)
             async with gate:
-                reply = await worker.call("lookup", user=user, measure=True)
+                reply = await worker.call("lookup", user=user)
             reply["wanted"] = self.seq[user]
             rows.append(reply)
 
         users = self.rng.sample(range(self.args.records), min(self.args.lookups, self.args.records))
+        before = self._counted()
         await asyncio.gather(*(one(u) for u in users))
+        seconds = time.monotonic() - before["at"]
         ok = [r for r in rows if (r.get("seq") or 0) >= r["wanted"]]
         latency = [float(r["ms"]) for r in rows]
-        gets = [float(r["sent"]["get"]) for r in rows]
+        packets = self._per_node(before, "packets")
+        idle = self.result["cost"]["idle_packets_per_node_per_s"]
         out: dict[str, Any] = {
             "count": len(rows),
             "success": len(ok) / max(1, len(rows)),
             "ms_p50": percentile(latency, 50),
             "ms_p95": percentile(latency, 95),
             "ms_p99": percentile(latency, 99),
-            "get_requests_p50": percentile(gets, 50),
-            "round_trips_p50": None,
+            # every packet the lookups caused, requests and answers, upkeep subtracted
+            "packets_per_lookup": None if packets is None or idle is None
+            else (packets - idle) * self.n * self.k * seconds / max(1, len(rows)),
         }
-        if self.args.delay > 0:
-            trips = [float(r["ms"]) / (2 * self.args.delay) for r in ok]
-            out["round_trips_p50"] = percentile(trips, 50)
-            out["round_trips_p95"] = percentile(trips, 95)
         self.result["lookup"] = out
         self.log(f"lookups: {out['success']:.2%} found, p50 {_ms(out['ms_p50'])} ms, "
-                 f"p99 {_ms(out['ms_p99'])} ms, {out['get_requests_p50']} get requests p50")  # fmt: skip
+                 f"p99 {_ms(out['ms_p99'])} ms, {_ms(out['packets_per_lookup'])} packets each")  # fmt: skip
+
+    async def far_lookups(self) -> None:
+        """Lookups from the one node behind a link of --delay ms each way: round trips."""
+        if self.far is None:
+            return
+        far = self.far
+        warm = self.rng.sample(range(self.args.records), min(20, self.args.records))
+        await asyncio.gather(*(far.call("lookup", user=u) for u in warm))  # fills its table
+        gate = asyncio.Semaphore(self.args.parallel)
+        rows: list[dict[str, Any]] = []
+
+        async def one(user: int) -> None:
+            async with gate:
+                reply = await far.call("lookup", user=user)
+            reply["wanted"] = self.seq[user]
+            rows.append(reply)
+
+        count = min(self.args.far_lookups, self.args.records)
+        await asyncio.gather(*(one(u) for u in self.rng.sample(range(self.args.records), count)))
+        rtt = 2 * self.args.delay
+        ok = [r for r in rows if (r.get("seq") or 0) >= r["wanted"]]
+        first = [float(r["first_ms"]) for r in ok if r.get("first_ms") is not None]
+        done = [float(r["ms"]) for r in rows]
+        out = {
+            "count": len(rows),
+            "delay_ms": self.args.delay,
+            "success": len(ok) / max(1, len(rows)),
+            "first_value_ms_p50": percentile(first, 50),
+            "first_value_ms_p95": percentile(first, 95),
+            "lookup_ms_p50": percentile(done, 50),
+            "lookup_ms_p95": percentile(done, 95),
+            "lookup_ms_p99": percentile(done, 99),
+            "round_trips_p50": (percentile(first, 50) or 0) / rtt if first else None,
+            "round_trips_p95": (percentile(first, 95) or 0) / rtt if first else None,
+        }
+        self.result["far"] = out
+        self.log(f"lookups over a {self.args.delay:g} ms link: {out['success']:.2%} found, "
+                 f"first value p50 {_ms(out['first_value_ms_p50'])} ms = "
+                 f"{out['round_trips_p50'] or 0:.1f} round trips")  # fmt: skip
 
     async def presence(self) -> None:
         """Contacts' supernodes subscribe; the users change status; how soon does each see it."""
@@ -368,21 +438,13 @@ class Run:
     async def cost(self) -> None:
         """A quiet window: what running the index costs when nothing happens but upkeep."""
         before = self._counted()
-        first = await self.stats()
         await asyncio.sleep(self.args.idle)
-        seconds = time.monotonic() - before["at"]
-        last = await self.stats()
-        requests = sum(last.get(f, 0) - first.get(f, 0) for f in ("ping", "find", "get",
-                                                                  "listen", "put"))  # fmt: skip
         rss = [r for w in self.alive() if (r := _rss(w.proc.pid)) is not None]
-        total_sent = {f: last.get(f, 0) for f in ("ping", "find", "get", "listen", "put")}
         self.result["cost"] = {
             "rss_mb_p50": (percentile(rss, 50) or 0) / 2**20,
             "rss_mb_max": max(rss, default=0) / 2**20,
-            "idle_requests_per_node_per_s": requests / (self.n * self.k) / seconds,
-            "idle_bytes_per_node_per_s": self._rate(before, seconds),
-            "requests_sent_total": total_sent,
-            "bad_records": last.get("bad_records", 0),
+            "idle_packets_per_node_per_s": self._per_node(before, "packets"),
+            "idle_bytes_per_node_per_s": self._per_node(before, "bytes"),
         }
         self.log(f"cost: RSS p50 {self.result['cost']['rss_mb_p50']:.0f} MB per supernode")
 
@@ -409,12 +471,13 @@ class Run:
             await asyncio.sleep(self.args.reattach)
 
             async def feed(index: int, users: list[int]) -> None:
+                # each client republishes on its own: no limit but the request chunks
                 for start in range(0, len(users), self.args.chunk):
                     chunk = users[start : start + self.args.chunk]
                     for seq in sorted({self.seq[u] for u in chunk}):
                         await self.workers[index].call(
                             "publish", users=[u for u in chunk if self.seq[u] == seq], seq=seq,
-                            parallel=self.args.put_parallel)  # fmt: skip
+                            parallel=self.args.chunk)  # fmt: skip
 
             await asyncio.gather(*(feed(i, u) for i, u in moves.items()))
             rehomed_at = time.monotonic() - killed_at
@@ -461,7 +524,7 @@ class Run:
 
         async def one(user: int) -> None:
             async with gate:
-                reply = await self.rng.choice(alive).call("lookup", user=user, measure=False)
+                reply = await self.rng.choice(alive).call("lookup", user=user)
             if (reply.get("seq") or 0) >= self.seq[user]:
                 found.append(user)
 
@@ -471,7 +534,8 @@ class Run:
                 "orphans_found": sum(1 for u in found if u in orphans)}  # fmt: skip
 
     async def stop(self) -> None:
-        await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
+        everyone = self.workers + ([self.far] if self.far else [])
+        await asyncio.gather(*(w.stop() for w in everyone), return_exceptions=True)
 
 
 async def run_size(args: argparse.Namespace, supernodes: int, material: Path, say: Say,
@@ -480,10 +544,12 @@ async def run_size(args: argparse.Namespace, supernodes: int, material: Path, sa
     try:
         await run.start(material)
         await run.publish()
-        await run.lookups()
-        await run.presence()
         await run.cost()
+        await run.lookups()
+        await run.far_lookups()
+        await run.presence()
         await run.churn()
+        run.result["counters"] = await run.stats()
     finally:
         await run.stop()
     run.result["seconds"] = time.monotonic() - run.t0
@@ -505,9 +571,15 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         ("lookup success (non-contacts)", lambda r: pct(r["lookup"]["success"])),
         ("lookup latency p50 / p95 / p99", lambda r: " / ".join(
             _ms(r["lookup"][k]) for k in ("ms_p50", "ms_p95", "ms_p99")) + " ms"),
-        ("get requests sent per lookup, p50", lambda r: _ms(r["lookup"]["get_requests_p50"])),
-        ("round trips per lookup p50 / p95", lambda r: "-" if r["lookup"]["round_trips_p50"] is None
-         else f"{r['lookup']['round_trips_p50']:.1f} / {r['lookup']['round_trips_p95']:.1f}"),
+        ("packets per lookup (requests + answers)", lambda r: _ms(r["lookup"]["packets_per_lookup"])),
+        ("far node (link of --delay ms each way): found", lambda r: pct(r.get("far", {}).get("success"))),
+        ("far node: first value p50 / p95", lambda r: "-" if "far" not in r else (
+            f"{_ms(r['far']['first_value_ms_p50'])} / {_ms(r['far']['first_value_ms_p95'])} ms")),
+        ("far node: round trips to first value p50 / p95", lambda r: "-" if not r.get("far", {})
+         .get("round_trips_p50") else
+         f"{r['far']['round_trips_p50']:.1f} / {r['far']['round_trips_p95']:.1f}"),
+        ("far node: lookup() returns p50 / p95 / p99", lambda r: "-" if "far" not in r else " / ".join(
+            _ms(r["far"][k]) for k in ("lookup_ms_p50", "lookup_ms_p95", "lookup_ms_p99")) + " ms"),
         ("presence change seen by contact p50 / p95", lambda r: (
             f"{_ms(r['presence']['ms_p50'])} / {_ms(r['presence']['ms_p95'])} ms "
             f"({pct(r['presence']['seen'])} seen)")),
@@ -519,7 +591,8 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"{pct(r['churn']['final_success'])} of {r['churn']['final_checked']:,}")),
         ("RSS per supernode p50 / max", lambda r: (
             f"{r['cost']['rss_mb_p50']:.0f} / {r['cost']['rss_mb_max']:.0f} MB")),
-        ("idle requests sent per DHT node", lambda r: f"{r['cost']['idle_requests_per_node_per_s']:.1f}/s"),
+        ("packets sent per DHT node, idle", lambda r: "-" if r["cost"]["idle_packets_per_node_per_s"]
+         is None else f"{r['cost']['idle_packets_per_node_per_s']:.1f}/s"),
         ("bytes per DHT node, idle / publishing", lambda r: (
             "-" if r["cost"]["idle_bytes_per_node_per_s"] is None else
             f"{r['cost']['idle_bytes_per_node_per_s'] / 1000:.1f} / "
@@ -536,18 +609,23 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def _enter_netns(delay: float) -> None:
-    """Re-run this bench in a fresh network namespace (root): its own `lo`, optional netem."""
+    """Re-run this bench inside the lab (root): the supernodes in one namespace of their own, so
+    every packet on its `lo` is theirs, and with --delay one far node in another namespace
+    behind the lab's delayed link (this kernel has no netem: a userspace forwarder, which only
+    that node's traffic crosses)."""
     if os.environ.get(NETNS_MARK):
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-        if delay > 0:
-            subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay",
-                            f"{delay}ms", "limit", "1000000"], check=True)  # fmt: skip
         return
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        raise SystemExit("unshare (util-linux) is needed for the private namespace; or --no-netns")
-    env = {**os.environ, NETNS_MARK: "1"}
-    done = subprocess.run([unshare, "--net", sys.executable, *sys.argv], env=env, check=False)
+    from punchline.lab.impair import Impairment
+    from punchline.lab.netns import in_ns
+    from punchline.lab.topology import Lab
+
+    with Lab() as lab:
+        dht = lab.add_public_host("dht")
+        env = {**os.environ, NETNS_MARK: "1", DHT_IP_ENV: dht.ip}
+        if delay > 0:
+            far = lab.add_public_host("far", Impairment(delay_ms=delay))
+            env[FAR_ENV] = f"{far.ns},{far.ip}"
+        done = subprocess.run(in_ns(dht.ns, [sys.executable, *sys.argv]), env=env, check=False)
     raise SystemExit(done.returncode)
 
 
@@ -577,10 +655,12 @@ def main() -> None:
     parser.add_argument("--reattach", type=float, default=3.0,
                         help="seconds before orphaned clients republish via a survivor")
     parser.add_argument("--repair-timeout", type=float, default=120.0)
-    parser.add_argument("--delay", type=float, default=0.0,
-                        help="one-way netem delay in ms on the private loopback (root)")
+    parser.add_argument("--delay", type=float, default=25.0,
+                        help="one-way ms of the far node's link (root; 0: no far node)")
+    parser.add_argument("--far-lookups", type=int, default=500,
+                        help="lookups from the far node")
     parser.add_argument("--no-netns", dest="netns", action="store_false",
-                        help="stay on the host's loopback (no bytes figure, no delay)")
+                        help="stay on the host's loopback (no bytes figure, no far node)")
     parser.add_argument("--chunk", type=int, default=250, help="users per publish request")
     parser.add_argument("--put-parallel", type=int, default=32, help="puts in flight per process")
     parser.add_argument("--warmup", type=float, default=5.0)
@@ -594,8 +674,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.netns and os.geteuid() != 0:
         args.netns = False
-    if args.delay > 0 and not args.netns:
-        raise SystemExit("--delay needs the private namespace (root)")
+    if not args.netns:
+        args.delay = 0.0
     if args.netns:
         _enter_netns(args.delay)
 
@@ -616,7 +696,7 @@ def main() -> None:
         print(json.dumps({"args": vars(args) | {"keep": str(args.keep)}, "results": results}))
         return
     print(table(results, args))
-    print(f"\nrecords {args.records:,}; netem delay {args.delay} ms one way; "
+    print(f"\nrecords {args.records:,}; far node's link {args.delay:g} ms each way; "
           f"{args.lookups} timed lookups ({args.parallel} in flight); {args.watches} watched "
           f"changes; kill {args.kill:.0%} at once, probe {args.probe} users per round")  # fmt: skip
 

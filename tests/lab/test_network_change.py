@@ -22,7 +22,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -70,8 +69,8 @@ def _call_with_change(
     result: dict[str, Any] = {}
 
     def call() -> None:
-        result.update(call_with_sample(m.net, caller, callee,
-                                       m.root / f"{callee}-recording.wav", sample=m.clip))  # fmt: skip
+        recording = m.root / f"{callee}-recording.wav"
+        result.update(call_with_sample(m.net, caller, callee, recording, sample=m.clip))
 
     thread = threading.Thread(target=call, daemon=True)
     thread.start()

@@ -20,6 +20,7 @@ from punchline.connect.agent import (
     PairState,
     PathChanged,
     Released,
+    Stalled,
 )
 from punchline.connect.candidates import Address, Candidate
 from punchline.connect.keepalive import keepalive_interval
@@ -50,12 +51,14 @@ class Sim:
         self.cut: set[frozenset[Address]] = set()
         self.events: dict[str, list[PathChanged]] = {}
         self.released: dict[str, list[str]] = {}
+        self.stalled: dict[str, list[float]] = {}
         self._ids = itertools.count()
 
     def add(self, name: str, agent: Agent) -> None:
         self.agents[name] = agent
         self.events[name] = []
         self.released[name] = []
+        self.stalled[name] = []
 
     def base(self, agent: str, name: str, public: Address, restricted: bool) -> Base:
         base = Base(agent, name, public, restricted)
@@ -96,6 +99,8 @@ class Sim:
                     self.by_name[(name, event.base)].opened.add(event.address)
                 elif isinstance(event, Released):
                     self.released[name] += event.bases
+                elif isinstance(event, Stalled):
+                    self.stalled[name].append(self.now)
 
     def run(self, until: float) -> None:
         self.flush()
@@ -361,6 +366,9 @@ def test_after_a_nat_rebinding_a_restart_brings_the_direct_path_back_within_a_ro
     sim.rebind("a", "udp", moved)
     sim.run(3.0 + 1.5)
     assert _reasons(sim, "a")[-1] == ("relay-udp", "failover")
+    # the adapter heard of the stall well before consent ran out (it asks STUN then)
+    assert sim.stalled["a"]
+    assert 3.0 < sim.stalled["a"][0] <= 3.0 + 0.9
     # A's STUN answer: the new mapping; its restart reaches B one signalling hop later
     a.replace_local("udp", [Candidate.make("srflx", moved)])
     a.restart(sim.now)
@@ -416,12 +424,13 @@ def test_a_host_that_moves_networks_comes_back_on_a_new_relay_allocation_and_dir
     assert b.selected is not None
     assert (a.selected.base, b.selected.route) == ("udp", ("udp", *moved))
     # A restarted before its consent ran out: its pair answered again in time, no switch at
-    # all; B's old pair (to A's old address) died and B moved to the new one
-    assert _reasons(sim, "a") == [("direct", "first path")]
+    # all (reported as the restart's); B's old pair (to A's old address) died and B moved to
+    # the new one
+    assert _reasons(sim, "a") == [("direct", "first path"), ("direct", "restart")]
     assert _reasons(sim, "b")[-1] == ("direct", "restart")
     assert {c.address for c in b.remote_candidates("relay")} == {new_relay.address}
-    states = {p["remote"][1]: p["state"] for p in b.pairs() if p["base"] == "udp"}
-    assert states[50001] == "valid"  # b reaches a's new allocation as a backup
+    states = {p.remote.address[1]: p.state for p in b._pairs.values() if p.base == "udp"}
+    assert states[50001] is PairState.VALID  # b reaches a's new allocation as a backup
 
 
 def test_a_restart_that_changed_nothing_keeps_the_path_without_a_gap() -> None:
@@ -470,8 +479,30 @@ def test_an_announced_address_first_seen_as_peer_reflexive_is_tried_from_every_b
     checks = [d for r, d in b.transmit() if r[0] == "other"]
     assert checks
     a.receive("relay", checks[0], ("198.51.100.2", 7777), 1.1)
-    assert a.remote_candidates("prflx") == [Candidate("prflx", ("198.51.100.2", 7777),
-                                                      a.remote_candidates("prflx")[0].priority)]
+    assert [c.address for c in a.remote_candidates("prflx")] == [("198.51.100.2", 7777)]
     assert a.add_remote(Candidate.make("srflx", ("198.51.100.2", 7777)), 1.2)
     bases = {p["base"] for p in a.pairs() if p["remote"] == ["198.51.100.2", 7777]}
     assert bases == {"udp", "relay"}
+
+
+def test_a_restart_that_revives_the_stalled_path_in_use_is_reported_without_a_switch() -> None:
+    """A rebinding noticed quickly (the path stalled, STUN showed a new mapping): both sides
+    restart before consent runs out, and the pair in use answers again, no failover."""
+    sim = Sim()
+    a, b = pair_of_agents(sim)
+    relay_and_direct(sim, a, b)
+    a.set_keys(KEYS_A, 0.0)
+    b.set_keys(KEYS_B, 0.0)
+    sim.run(3.0)
+    moved = ("198.51.100.1", 4444)
+    sim.rebind("a", "udp", moved)
+    sim.run(3.0 + 0.9)
+    stalled = sim.stalled["a"][0]
+    a.replace_local("udp", [Candidate.make("srflx", moved)])
+    a.restart(stalled + 0.05)  # (the STUN round trip)
+    sim.run(stalled + 0.1)
+    b.peer_restarted([Candidate.make("srflx", moved)], sim.now)
+    sim.run(sim.now + 2.0)
+    assert _reasons(sim, "a") == [("direct", "first path"), ("direct", "restart")]
+    assert a.selected is not None
+    assert a.selected.route == ("udp", "198.51.100.2", 5000)

@@ -17,6 +17,7 @@ from punchline.cli import (
     auth_cmds,
     contacts_cmds,
     demo,
+    directory_cmds,
     index_cmds,
     lab_cmds,
     netcheck_cmds,
@@ -43,6 +44,7 @@ network_cmds.register(app)
 index_cmds.register(app)
 netcheck_cmds.register(app)
 relay_cmds.register(app)
+directory_cmds.register(app)
 demo.register(app)
 
 

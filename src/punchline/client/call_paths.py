@@ -13,8 +13,8 @@ allocation (a UDP allocation is bound to the old address and port, a TCP one to 
 through the old NAT) and sends the peer everything it can reach us at now, flagged `restart`;
 the new relay address follows as an ordinary trickle once allocated. A relay allocation that
 ends by itself mid-call (refused refresh, expiry, closed connection) is renewed the same way.
-When the path in use loses consent, `on_lost` asks the daemon to look for such a change at
-once rather than at its next periodic check.
+When the path in use stalls (unanswered for `stall_after`) or loses consent, `on_lost` asks
+the daemon to look for such a change at once rather than at its next periodic check.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from punchline.connect.agent import (
     PathChanged,
     Released,
     Route,
+    Stalled,
     lan_only,
 )
 from punchline.connect.candidates import Address, Candidate
@@ -443,6 +444,9 @@ class CallPaths:
                     self._relay.connection.add_peer(event.address)
             elif isinstance(event, PathChanged):
                 self._changed(event, now)
+            elif isinstance(event, Stalled):
+                if self._on_lost is not None:
+                    self._on_lost()  # perhaps our own addresses changed: find out now
             elif isinstance(event, Released):
                 for base in event.bases:
                     transport = self._sockets.pop(base, None)

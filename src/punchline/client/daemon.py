@@ -34,6 +34,7 @@ from punchline.call.signaling import (
 from punchline.client import account, auth_client, control
 from punchline.client.call_paths import CallPaths, PathsConfig
 from punchline.client.contacts import Contacts
+from punchline.client.directory import DirectoryClient
 from punchline.client.relay_path import RelayPath
 from punchline.client.store import IdentityStore
 from punchline.client.supernode_link import (
@@ -192,6 +193,7 @@ class Daemon:
         self._pending_answer: dict[str, Any] = {}
         self._retry_at = 0.0
         self.contacts: Contacts | None = None  # the user's contact list, once started
+        self.directory = DirectoryClient(config.data_dir)  # opt-in listing and searches
         self.relay: RelayPath | None = None
         # What our NAT does (nat.discovery), once measured in the background; the
         # connectivity engine reads `allocation` / `delta` from it for port prediction.
@@ -350,10 +352,10 @@ class Daemon:
         mapped = stun.mapped_address_untrusted(message)
         if mapped is None:
             return True
-        waiters, self._reflexive_waiters = self._reflexive_waiters, []
+        waiters = [w for w in self._reflexive_waiters if not w.done()]
+        self._reflexive_waiters = []
         for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(mapped)
+            waiter.set_result(mapped)
         if mapped != self.media_reflexive:
             log.info("reflexive address", address=mapped, previous=self.media_reflexive)
             known = self.media_reflexive is not None
@@ -562,6 +564,15 @@ class Daemon:
                                         self.device, where, self._seq, now)  # fmt: skip
         session.send({"t": "publish", "record": self._record, "offline": offline}, now)
         self._next_publish = now + self.config.republish_interval
+        self._send_directory(now)
+
+    def _send_directory(self, now: float) -> None:
+        """Directory entries, to a supernode that has not taken them yet (client.directory)."""
+        if self.current is None or self.identity is None:
+            return
+        node, session = self.current
+        for message in self.directory.outgoing(self.identity, self.user, node.node_id, now):
+            session.send(message, now)
 
     # ----------------------------------------------------------------- network input
 
@@ -626,6 +637,8 @@ class Daemon:
         kind = message.get("t")
         if kind in Contacts.MESSAGES and self.contacts is not None:
             self.contacts.receive(message, now)
+        elif kind in DirectoryClient.MESSAGES:
+            self.directory.received(message)
         elif kind == "welcome":
             reflexive = message.get("reflexive")
             if isinstance(reflexive, list) and len(reflexive) == 2:
@@ -1052,6 +1065,8 @@ class Daemon:
                 self._stop.set()
             elif op == "lookup":
                 await reply(await self._control_lookup(request))
+            elif op in ("directory", "search"):
+                await reply(await self._control_directory(str(op), request))
             elif op == "set_status":
                 await reply(self._control_set_status(request))
             else:
@@ -1089,6 +1104,35 @@ class Daemon:
         self._publish(time.time())
         self._pump(time.time())
         return {"ok": True, "status": self.presence_status}
+
+    async def _control_directory(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        """`punchline directory` (list, unlist, show) and `punchline search`."""
+        assert self.identity is not None
+        if op == "search":
+            found = await self.directory.search(
+                str(request.get("query", "")), self._send_to_supernode, self.identity, time.time
+            )
+            return {"ok": True, **found}
+        now = time.time()
+        if isinstance(request.get("list"), str):
+            self.directory.list_as(str(request["list"]), now)
+        elif request.get("unlist") is True:
+            self.directory.unlist(now)
+        else:
+            return {"ok": True, **self.directory.status()}
+        taken = self.directory.expect_ack()
+        self._send_directory(now)  # to the supernode at once, if attached
+        self._pump(now)
+        handed = await self.directory.acked(taken, 5.0 if self.current is not None else 0.0)
+        return {"ok": True, **self.directory.status(), "handed_over": handed}
+
+    def _send_to_supernode(self, message: dict[str, Any]) -> bool:
+        if self.current is None:
+            return False
+        now = time.time()
+        self.current[1].send(message, now)
+        self._pump(now)
+        return True
 
     def _control_hangup_or_answer(self, op: str) -> dict[str, Any]:
         now = time.time()

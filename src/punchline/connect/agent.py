@@ -101,6 +101,9 @@ class AgentConfig:
     check_timeout: float = 10.0
     consent_interval: float = 0.25
     consent_timeout: float = 1.2
+    # The pair in use unanswered this long: `Stalled`, so the adapter can find out whether
+    # our own addresses changed (a STUN round trip) before consent runs out.
+    stall_after: float = 0.6
     backup_interval: float = 1.0
     backup_timeout: float = 3.5
     # A pair that lost consent is still probed this long, and comes back if it answers.
@@ -152,6 +155,7 @@ class Pair:
     # how the peer sees our side of this pair (host/srflx/prflx/relay...), from its answer
     local_kind: str = "?"
     lost_since: float | None = None
+    stalled: bool = False
 
     @property
     def route(self) -> Route:
@@ -180,13 +184,20 @@ class NeedPermission:
 
 
 @dataclass(frozen=True)
+class Stalled:
+    """The pair in use has not answered for `stall_after`: perhaps our NAT rebound."""
+
+    route: Route
+
+
+@dataclass(frozen=True)
 class Released:
     """Bases the agent will not use again (birthday sockets that lost): close them."""
 
     bases: tuple[str, ...]
 
 
-Event = PathChanged | NeedPermission | Released
+Event = PathChanged | NeedPermission | Released | Stalled
 
 
 def label(pair: Pair, relay_via: dict[str, str]) -> str:
@@ -507,7 +518,11 @@ class Agent:
             self._counters["error_responses"] += 1
             return
         self._counters["responses"] += 1
-        pair.last_response = now
+        if pair.stalled and pair is self.selected and now < self._restart_until:
+            # the path in use stalled, the restart revived it: a change worth reporting
+            self._restart_until = 0.0
+            self._select(pair, "restart", now)
+        pair.last_response, pair.stalled = now, False
         pair.rtt = now - sent_at
         mapped = stun.mapped_address_untrusted(message)
         if mapped is not None:
@@ -679,6 +694,9 @@ class Agent:
             if now - pair.last_response > timeout:
                 self._lose(pair, now)
                 return
+            if in_use and not pair.stalled and now - pair.last_response > config.stall_after:
+                pair.stalled = True
+                self._events.append(Stalled(pair.route))
             self._check(pair, now)
             interval = config.consent_interval if in_use else config.backup_interval
             pair.next_check = now + interval * self._rng.uniform(0.8, 1.2)
@@ -702,8 +720,10 @@ class Agent:
         if pair is self.selected:
             best = self._best_live()
             reason = "failover"
-            if best is not None and now < self._restart_until and (best.valid_since or 0.0) >= (
-                self._restart_until - self.config.restart_window
+            if (
+                best is not None
+                and now < self._restart_until
+                and (best.valid_since or 0.0) >= (self._restart_until - self.config.restart_window)
             ):
                 reason, self._restart_until = "restart", 0.0  # a pair the restart proved
             self._select(best, reason, now)

@@ -36,6 +36,7 @@ from punchline.overlay.custody import custodians
 from punchline.overlay.index import presence_key
 from punchline.session.channel import ChannelConfig, SecureChannel
 from punchline.session.outbound import Identity, OutboundSession
+from punchline.supernode.directory import Directory
 from punchline.supernode.watch import Watch
 from punchline.wire import presence
 from punchline.wire import session as wire
@@ -159,6 +160,7 @@ class SupernodeCore:
         }  # fmt: skip
         self.started = now
         self.watch = Watch(identity.ca)  # contacts: live presence, lists and requests
+        self.directory = Directory(identity.ca)  # opt-in listings and searches by name
 
     @property
     def ca(self) -> x509.Certificate:
@@ -266,6 +268,8 @@ class SupernodeCore:
             self._custody_received(session, message.get("record"), now)
         elif kind in Watch.MESSAGES and not session.is_supernode:
             self.watch.message(session.channel.session_id, session.subject, message, now)
+        elif kind in Directory.MESSAGES and not session.is_supernode:
+            self.directory.message(session.channel.session_id, session.subject, message, now)
         elif kind == "bye":
             self._close(session, "said goodbye", now)
         else:
@@ -602,6 +606,7 @@ class SupernodeCore:
     def _close(self, session: Session, why: str, now: float | None = None) -> None:
         self.sessions.pop(session.channel.session_id, None)
         self.watch.drop(session.channel.session_id)
+        self.directory.drop(session.channel.session_id)
         if session.device is not None:
             devices = self.by_user.get(session.subject, {})
             if devices.get(session.device) is session:
@@ -635,7 +640,7 @@ class SupernodeCore:
 
     def datagrams(self, now: float) -> list[tuple[bytes, Route]]:
         out, self._out = self._out, []
-        for session_id, message in self.watch.pushes():
+        for session_id, message in [*self.watch.pushes(), *self.directory.pushes()]:
             if (target := self.sessions.get(session_id)) is not None:
                 target.channel.send(message, now)
         for session in self.sessions.values():

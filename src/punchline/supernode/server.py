@@ -28,6 +28,7 @@ from punchline.runtime import streams
 from punchline.runtime.driver import Driver
 from punchline.session.outbound import Identity
 from punchline.supernode.core import CoreConfig, Lookup, Publish, Release, Route, SupernodeCore
+from punchline.supernode.directory import DirectoryRunner
 from punchline.supernode.watch import WatchRunner
 from punchline.util import sockets
 from punchline.util.files import atomic_write, private_dir
@@ -89,6 +90,7 @@ class SupernodeServer:
         # Keeps the records of attached (and recently detached) users alive in the DHT.
         self.custody: Custody | None = None
         self.watcher: WatchRunner | None = None  # contacts: overlay listens for clients
+        self.directory: DirectoryRunner | None = None  # directory entries and searches
         self.core: SupernodeCore | None = None
         self.driver: Driver | None = None
         self.relay: RelayServer | None = None
@@ -145,6 +147,8 @@ class SupernodeServer:
         self.core = SupernodeCore(identity, node_id, time.time(), self.config.core, self._stun())
         self.driver = Driver(self.core, self._flush)
         self.watcher = WatchRunner(dht, self.core.watch, self.driver.poke, self.custody.keep)
+        self.directory = DirectoryRunner(dht, self.core.directory, self.driver.poke,
+                                         self.custody.keep)  # fmt: skip
         tls = lifecycle.tls_context(self.store)
         self._listeners.append(tcp_sock)
         for port in self.config.tcp_ports:
@@ -210,6 +214,8 @@ class SupernodeServer:
                 self.custody.release(presence_key(action.user), device_value_id(action.device))
         if self.watcher is not None:
             self.watcher.run(self.core.watch.actions())
+        if self.directory is not None:
+            self.directory.run(self.core.directory.actions())
 
     async def _publish(self, action: Publish) -> None:
         assert self.index is not None
@@ -264,6 +270,7 @@ class SupernodeServer:
             "counters": {} if self.core is None else dict(self.core.counters),
             "dht": dict(self.index.counters) if isinstance(self.index, DhtIndex) else {},
             "custody": {} if self.custody is None else self.custody.status(),
+            "directory": {} if self.core is None else dict(self.core.directory.counters),
         }
 
     async def _write_status(self) -> None:
@@ -317,6 +324,8 @@ class SupernodeServer:
         self._tasks.cancel()
         if self.watcher is not None:
             self.watcher.close()
+        if self.directory is not None:
+            self.directory.close()
         if self.custody is not None:
             self.custody.close()
         for listener in self._listeners:

@@ -23,6 +23,7 @@ import hashlib
 import math
 import unicodedata
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -173,6 +174,8 @@ def verify_untrusted(document: object, ca: x509.Certificate, now: float) -> Entr
         der = base64.b64decode(str(claimed.get("cert")), validate=True)
         info = certs.verify(certs.load_untrusted(der), ca, now, certs.Role.USER)
         payload = signed.open_document_untrusted(info.public_key, CONTEXT, document)
+    except certs.CertificateExpired as exc:
+        raise DirectoryError(f"directory entry has expired: {exc}") from exc
     except (ValueError, binascii.Error, certs.CertificateError, signed.BadSignature) as exc:
         raise ForgedEntry(f"directory entry rejected: {exc}") from exc
     user, display, listed = payload.get("user"), payload.get("display"), payload.get("listed")
@@ -197,14 +200,15 @@ def verify_untrusted(document: object, ca: x509.Certificate, now: float) -> Entr
 
 
 def select(
-    documents: list[object], ca: x509.Certificate, now: float, normalized_query: str
-) -> tuple[list[Entry], int]:
-    """The listed users matching a query, best version per user, and how many were forged.
+    documents: list[dict[str, Any]], ca: x509.Certificate, now: float, normalized_query: str
+) -> tuple[list[tuple[Entry, dict[str, Any]]], int]:
+    """The listed users matching a query (newest entry per user, with its document, sorted by
+    name) and how many documents were forged.
 
-    Expired copies and malformed ones are dropped without counting as forged (the DHT keeps
-    old copies around for a while); a user whose newest entry says unlisted is not shown.
+    Expired and malformed copies are dropped without counting as forged (the DHT keeps old
+    copies around for a while); a user whose newest entry says unlisted is not shown.
     """
-    newest: dict[str, Entry] = {}
+    newest: dict[str, tuple[Entry, dict[str, Any]]] = {}
     forged = 0
     for document in documents:
         try:
@@ -215,8 +219,8 @@ def select(
         except DirectoryError:
             continue
         current = newest.get(entry.user)
-        if current is None or entry.seq > current.seq:
-            newest[entry.user] = entry
-    found = [e for e in newest.values() if e.listed and e.matches(normalized_query)]
-    found.sort(key=lambda e: (normalize(e.display), e.user))
+        if current is None or entry.seq > current[0].seq:
+            newest[entry.user] = (entry, document)
+    found = [(e, d) for e, d in newest.values() if e.listed and e.matches(normalized_query)]
+    found.sort(key=lambda pair: (normalize(pair[0].display), pair[0].user))
     return found, forged
