@@ -516,7 +516,7 @@ def test_a_signal_before_publishing_presence_is_refused(world: World) -> None:
     alice = lab.client(world.alice)
     lab.send(alice, {"t": "signal", "to": "bob", "id": 3, "body": {}})
     assert alice.of_type("signal_error") == [
-        {"t": "signal_error", "ref": 3, "reason": "publish presence first"}
+        {"t": "signal_error", "ref": 3, "to": "bob", "reason": "publish presence first"}
     ]
     assert lab.end().lookups() == []
 

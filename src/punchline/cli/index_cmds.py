@@ -9,6 +9,7 @@ import typer
 
 from punchline.cli.network_cmds import _one
 from punchline.cli.options import DataDir, Json, emit_json
+from punchline.identity import names
 
 
 def _ago(seconds: float) -> str:
@@ -25,7 +26,7 @@ def lookup(
     as_json: Json = False,
 ) -> None:
     """Look a user up: online (with their devices) or offline with when they were last seen."""
-    answer: dict[str, Any] = _one(data, {"op": "lookup", "user": name})
+    answer: dict[str, Any] = _one(data, {"op": "lookup", "user": names.canonical(name)})
     answer.pop("ok", None)
     if as_json:
         emit_json(answer)

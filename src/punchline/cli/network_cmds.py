@@ -30,6 +30,7 @@ from punchline.cli.options import (
     store,
 )
 from punchline.errors import LocalError, RemoteError
+from punchline.identity import names
 from punchline.util import logs
 from punchline.util.parse import host_port
 
@@ -191,7 +192,7 @@ def call(
 
     if play is not None:
         wav.read_wav(play)  # fail here, clearly, before anything rings
-    request: dict[str, Any] = {"op": "call", "user": name}
+    request: dict[str, Any] = {"op": "call", "user": names.canonical(name)}
     if duration is not None:
         request["duration"] = duration
     if play is not None:

@@ -485,7 +485,12 @@ class SupernodeCore:
     def _signal(self, session: Session, message: dict[str, Any], now: float) -> None:
         if session.device is None:
             session.channel.send(
-                {"t": "signal_error", "ref": message.get("id"), "reason": "publish presence first"},
+                {
+                    "t": "signal_error",
+                    "ref": message.get("id"),
+                    "to": message.get("to"),
+                    "reason": "publish presence first",
+                },
                 now,
             )
             return
