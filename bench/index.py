@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -47,6 +48,7 @@ from typing import Any
 import psutil
 
 from punchline.identity import certs, keys
+from punchline.overlay import custody
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "index_worker.py"
@@ -98,11 +100,38 @@ def repair_time(rounds: Sequence[dict[str, Any]]) -> float | None:
     return None
 
 
+def success_by(rounds: Sequence[dict[str, Any]], seconds: float) -> float | None:
+    """Success of the last probe round that had ended `seconds` after the kill."""
+    done = [r for r in rounds if r["end_s"] <= seconds]
+    return done[-1]["found"] / max(1, done[-1]["probed"]) if done else None
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
 # ---------------------------------------------------------------------- processes
+
+
+class Pacer:
+    """Spreads work at `rate` items per second over everyone who takes from it (0: no limit)."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.clock = clock
+        self.next = clock()
+
+    def reserve(self, count: int) -> float:
+        """Seconds to wait before starting `count` items."""
+        if self.rate <= 0:
+            return 0.0
+        now = self.clock()
+        start = max(now, self.next)
+        self.next = start + count / self.rate
+        return start - now
+
+    async def take(self, count: int) -> None:
+        await asyncio.sleep(self.reserve(count))
 
 
 class WorkerProcess:
@@ -120,10 +149,11 @@ class WorkerProcess:
 
     @classmethod
     async def start(cls, index: int, nodes: int, material: Path, bootstrap: Sequence[str],
-                    log_dir: Path, bind: str, far_ns: str | None = None) -> WorkerProcess:  # fmt: skip
+                    log_dir: Path, bind: str, custody_args: Sequence[str],
+                    far_ns: str | None = None) -> WorkerProcess:  # fmt: skip
         """`far_ns`: the far node, in its own namespace behind the delayed link."""
         prefix = ["ip", "netns", "exec", far_ns] if far_ns else []
-        extra = ["--probe"] if far_ns else []
+        extra = ["--probe", *custody_args] if far_ns else list(custody_args)
         with (log_dir / f"worker{index:03d}.log").open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
                 *prefix, sys.executable, str(WORKER), "--worker", str(index), "--nodes",
@@ -177,10 +207,8 @@ class WorkerProcess:
         if self.proc.returncode is None and self.alive:
             assert self.proc.stdin is not None
             self.proc.stdin.write(b'{"op":"quit"}\n')
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), 15)
-            except TimeoutError:
-                pass
         self.kill()
         await self.proc.wait()
         self._reader.cancel()
@@ -217,6 +245,8 @@ class Run:
         self.workers: list[WorkerProcess] = []
         self.far: WorkerProcess | None = None
         self.host = os.environ.get(DHT_IP_ENV, "127.0.0.1")
+        self.custody = ["--custody-refresh", str(args.custody_refresh),
+                        "--custody-first", str(args.custody_first)]  # fmt: skip
         self.owner: dict[int, int] = {}
         self.seq: dict[int, int] = {}
         self.result: dict[str, Any] = {"supernodes": supernodes, "nodes_per_supernode": self.k,
@@ -226,6 +256,13 @@ class Run:
 
     def log(self, text: str) -> None:
         self.say(f"[N={self.n} {time.monotonic() - self.t0:6.1f}s] {text}")
+
+    def crashed(self, worker: WorkerProcess) -> None:
+        """A supernode process died on its own: say so (its log tail) and carry on without it."""
+        self.result.setdefault("crashed", []).append(worker.index)
+        log = self.work / f"worker{worker.index:03d}.log"
+        tail = log.read_text(errors="replace")[-300:] if log.exists() else ""
+        self.log(f"supernode process {worker.index} died by itself: {tail.strip()!r}")
 
     def alive(self) -> list[WorkerProcess]:
         return [w for w in self.workers if w.alive]
@@ -255,7 +292,8 @@ class Run:
     # ------------------------------------------------------------------ phases
 
     async def start(self, material: Path) -> None:
-        first = await WorkerProcess.start(0, self.k, material, [], self.work, self.host)
+        first = await WorkerProcess.start(0, self.k, material, [], self.work, self.host,
+                                          self.custody)  # fmt: skip
         self.workers.append(first)
         known = [f"{self.host}:{p}" for p in first.ports]
         gate = asyncio.Semaphore(8)  # process start-up is CPU: a few at a time
@@ -264,7 +302,7 @@ class Run:
             async with gate:
                 peers = self.rng.sample(known, min(3, len(known)))
                 worker = await WorkerProcess.start(index, self.k, material, peers, self.work,
-                                                   self.host)  # fmt: skip
+                                                   self.host, self.custody)  # fmt: skip
                 known.extend(f"{self.host}:{p}" for p in worker.ports)
                 return worker
 
@@ -277,7 +315,8 @@ class Run:
         if far:
             far_ns, far_ip = far.split(",")
             self.far = await WorkerProcess.start(self.n, 1, material, self.rng.sample(known, 4),
-                                                 self.work, far_ip, far_ns)  # fmt: skip
+                                                 self.work, far_ip, self.custody,
+                                                 far_ns)  # fmt: skip
         self.log(f"{self.n} supernode processes up, {self.n * self.k} DHT nodes")
         await asyncio.sleep(self.args.warmup)
 
@@ -292,11 +331,19 @@ class Run:
         before = self._counted()
         stats_before = await self.stats()
 
+        pacer = Pacer(self.args.publish_rate)
+
         async def feed(worker: WorkerProcess, mine: list[int]) -> None:
             nonlocal done
             for start in range(0, len(mine), self.args.chunk):
                 chunk = mine[start : start + self.args.chunk]
-                await worker.call("publish", users=chunk, seq=1, parallel=self.args.put_parallel)
+                await pacer.take(len(chunk))
+                try:
+                    await worker.call("publish", users=chunk, seq=1,
+                                      parallel=self.args.put_parallel)  # fmt: skip
+                except ConnectionError:
+                    self.crashed(worker)
+                    return
                 done += len(chunk)
 
         async def progress() -> None:
@@ -334,6 +381,7 @@ class Run:
             async with gate:
                 reply = await worker.call("lookup", user=user)
             reply["wanted"] = self.seq[user]
+            reply["user"] = user
             rows.append(reply)
 
         users = self.rng.sample(range(self.args.records), min(self.args.lookups, self.args.records))
@@ -343,20 +391,28 @@ class Run:
         ok = [r for r in rows if (r.get("seq") or 0) >= r["wanted"]]
         latency = [float(r["ms"]) for r in rows]
         packets = self._per_node(before, "packets")
+        missed = [int(r["user"]) for r in rows if (r.get("seq") or 0) < r["wanted"]]
+        again = [await self.workers[(self.owner[u] + 1) % self.n].call("lookup", user=u)
+                 for u in missed]  # fmt: skip
         idle = self.result["cost"]["idle_packets_per_node_per_s"]
         out: dict[str, Any] = {
             "count": len(rows),
             "success": len(ok) / max(1, len(rows)),
+            "missed": missed,
+            "missed_ms": [r["ms"] for r in rows if (r.get("seq") or 0) < r["wanted"]],
+            "missed_found_on_retry": sum(1 for r in again if r.get("seq")),
             "ms_p50": percentile(latency, 50),
             "ms_p95": percentile(latency, 95),
             "ms_p99": percentile(latency, 99),
             # every packet the lookups caused, requests and answers, upkeep subtracted
-            "packets_per_lookup": None if packets is None or idle is None
+            "packets_per_lookup": None
+            if packets is None or idle is None
             else (packets - idle) * self.n * self.k * seconds / max(1, len(rows)),
         }
         self.result["lookup"] = out
         self.log(f"lookups: {out['success']:.2%} found, p50 {_ms(out['ms_p50'])} ms, "
-                 f"p99 {_ms(out['ms_p99'])} ms, {_ms(out['packets_per_lookup'])} packets each")  # fmt: skip
+                 f"p99 {_ms(out['ms_p99'])} ms, "
+                 f"{_ms(out['packets_per_lookup'])} packets each")  # fmt: skip
 
     async def far_lookups(self) -> None:
         """Lookups from the one node behind a link of --delay ms each way: round trips."""
@@ -398,15 +454,22 @@ class Run:
                  f"{out['round_trips_p50'] or 0:.1f} round trips")  # fmt: skip
 
     async def presence(self) -> None:
-        """Contacts' supernodes subscribe; the users change status; how soon does each see it."""
-        users = self.rng.sample(range(self.args.records), min(self.args.watches, self.args.records))
-        watcher: dict[int, WorkerProcess] = {}
+        """Contacts' supernodes subscribe; the users change status; how soon does each see it.
+
+        Most watchers are supernodes on the loopback; --far-watches of them are the far node,
+        whose notifications cross the delayed link as they would between real supernodes.
+        """
+        count = min(self.args.watches, self.args.records)
+        users = self.rng.sample(range(self.args.records), count)
+        far_users = set(users[: self.args.far_watches]) if self.far is not None else set()
+        watchers: dict[int, tuple[WorkerProcess, list[int]]] = {}
         for user in users:
-            watcher[user] = self.rng.choice([w for w in self.alive() if w.index != self.owner[user]])
-        by_watcher: dict[int, list[int]] = {}
-        for user, w in watcher.items():
-            by_watcher.setdefault(w.index, []).append(user)
-        await asyncio.gather(*(self.workers[i].call("watch", users=u) for i, u in by_watcher.items()))
+            if user in far_users and self.far is not None:
+                w = self.far
+            else:
+                w = self.rng.choice([w for w in self.alive() if w.index != self.owner[user]])
+            watchers.setdefault(w.index, (w, []))[1].append(user)
+        await asyncio.gather(*(w.call("watch", users=u) for w, u in watchers.values()))
         await asyncio.sleep(self.args.listen_settle)
         started: dict[int, float] = {}
         gate = asyncio.Semaphore(self.args.parallel)
@@ -421,19 +484,28 @@ class Run:
         await asyncio.gather(*(change(u) for u in users))
         await asyncio.sleep(self.args.propagation_wait)
         seen: dict[int, float] = {}
-        for index, mine in by_watcher.items():
+        for w, mine in watchers.values():
             wanted = {u: self.seq[u] for u in mine}
             for seq in set(wanted.values()):
-                reply = await self.workers[index].call(
-                    "seen", users=[u for u in mine if wanted[u] == seq], seq=seq)  # fmt: skip
+                reply = await w.call("seen", users=[u for u in mine if wanted[u] == seq], seq=seq)
                 seen.update({int(u): float(t) for u, t in reply["seen"].items()})
-        delays = [(seen[u] - started[u]) * 1000 for u in users if u in seen and u in started]
-        out = {"watched": len(users), "seen": len(delays) / max(1, len(users)),
-               "ms_p50": percentile(delays, 50), "ms_p95": percentile(delays, 95),
-               "ms_max": max(delays, default=None)}  # fmt: skip
+
+        def summary(group: list[int]) -> dict[str, Any]:
+            delays = [(seen[u] - started[u]) * 1000 for u in group if u in seen and u in started]
+            return {"watched": len(group), "seen": len(delays) / max(1, len(group)),
+                    "ms_p50": percentile(delays, 50), "ms_p95": percentile(delays, 95),
+                    "ms_max": max(delays, default=None)}  # fmt: skip
+
+        out = summary([u for u in users if u not in far_users])
+        out["far"] = summary(sorted(far_users)) if far_users else None
         self.result["presence"] = out
-        self.log(f"presence: {out['seen']:.2%} of {len(users)} changes seen, "
+        self.log(f"presence: {out['seen']:.2%} of {out['watched']} changes seen, "
                  f"p50 {_ms(out['ms_p50'])} ms, p95 {_ms(out['ms_p95'])} ms")  # fmt: skip
+        if out["far"]:
+            self.log(
+                f"presence at the far node: {out['far']['seen']:.2%} seen, "
+                f"p50 {_ms(out['far']['ms_p50'])} ms, p95 {_ms(out['far']['ms_p95'])} ms"
+            )
 
     async def cost(self) -> None:
         """A quiet window: what running the index costs when nothing happens but upkeep."""
@@ -470,16 +542,26 @@ class Run:
             nonlocal rehomed_at
             await asyncio.sleep(self.args.reattach)
 
+            # Real clients would all come back at once, each to a supernode with a CPU of its
+            # own; here every supernode shares two cores, and an unpaced burst of puts to keys
+            # whose storing nodes just died drives the whole simulated network into thrashing.
+            pacer = Pacer(self.args.rehome_rate)
+            sent: list[asyncio.Task[Any]] = []
+
             async def feed(index: int, users: list[int]) -> None:
-                # each client republishes on its own: no limit but the request chunks
+                # each client's republish goes on its own: paced starts, no waiting for the
+                # slow ones (puts to keys whose nodes just died wait on their timeouts)
                 for start in range(0, len(users), self.args.chunk):
                     chunk = users[start : start + self.args.chunk]
+                    await pacer.take(len(chunk))
                     for seq in sorted({self.seq[u] for u in chunk}):
-                        await self.workers[index].call(
+                        call = self.workers[index].call(
                             "publish", users=[u for u in chunk if self.seq[u] == seq], seq=seq,
                             parallel=self.args.chunk)  # fmt: skip
+                        sent.append(asyncio.ensure_future(call))
 
             await asyncio.gather(*(feed(i, u) for i, u in moves.items()))
+            await asyncio.gather(*sent, return_exceptions=True)
             rehomed_at = time.monotonic() - killed_at
             self.log(f"{len(orphans)} users re-attached and republished by "
                      f"{rehomed_at:.1f} s after the kill")  # fmt: skip
@@ -498,13 +580,14 @@ class Run:
             await asyncio.sleep(self.args.probe_interval)
         if not reattaching.done():
             reattaching.cancel()
-        final = await self._probe_round(
-            self.rng.sample(range(self.args.records), min(self.args.final_check, self.args.records)),
-            killed_at, orphan_set)  # fmt: skip
+        checked = self.rng.sample(range(self.args.records),
+                                  min(self.args.final_check, self.args.records))  # fmt: skip
+        final = await self._probe_round(checked, killed_at, orphan_set)
         self.result["churn"] = {
             "killed": len(victims),
             "orphaned_users": len(orphans),
             "first_round_success": rounds[0]["found"] / max(1, rounds[0]["probed"]),
+            "success_at_30s": success_by(rounds, 30.0),
             "first_round_survivor_users": (rounds[0]["found"] - rounds[0]["orphans_found"])
             / max(1, rounds[0]["probed"] - rounds[0]["orphans"]),
             "reattached_s": rehomed_at,
@@ -559,49 +642,62 @@ async def run_size(args: argparse.Namespace, supernodes: int, material: Path, sa
 # ---------------------------------------------------------------------- output
 
 
-def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    def pct(x: float | None) -> str:
-        return "-" if x is None else f"{x:.2%}"
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
 
-    def col(r: dict[str, Any]) -> str:
-        return f"N={r['supernodes']} ({r['supernodes']}×{r['nodes_per_supernode']} DHT nodes)"
 
-    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
-        ("records published (rate)", lambda r: f"{r['records']:,} ({r['publish']['per_second']:.0f}/s)"),
-        ("lookup success (non-contacts)", lambda r: pct(r["lookup"]["success"])),
-        ("lookup latency p50 / p95 / p99", lambda r: " / ".join(
-            _ms(r["lookup"][k]) for k in ("ms_p50", "ms_p95", "ms_p99")) + " ms"),
-        ("packets per lookup (requests + answers)", lambda r: _ms(r["lookup"]["packets_per_lookup"])),
-        ("far node (link of --delay ms each way): found", lambda r: pct(r.get("far", {}).get("success"))),
-        ("far node: first value p50 / p95", lambda r: "-" if "far" not in r else (
-            f"{_ms(r['far']['first_value_ms_p50'])} / {_ms(r['far']['first_value_ms_p95'])} ms")),
-        ("far node: round trips to first value p50 / p95", lambda r: "-" if not r.get("far", {})
-         .get("round_trips_p50") else
-         f"{r['far']['round_trips_p50']:.1f} / {r['far']['round_trips_p95']:.1f}"),
-        ("far node: lookup() returns p50 / p95 / p99", lambda r: "-" if "far" not in r else " / ".join(
-            _ms(r["far"][k]) for k in ("lookup_ms_p50", "lookup_ms_p95", "lookup_ms_p99")) + " ms"),
-        ("presence change seen by contact p50 / p95", lambda r: (
-            f"{_ms(r['presence']['ms_p50'])} / {_ms(r['presence']['ms_p95'])} ms "
-            f"({pct(r['presence']['seen'])} seen)")),
-        ("30% killed: found in first round", lambda r: pct(r["churn"]["first_round_success"])),
-        ("30% killed: users of survivors found", lambda r: pct(r["churn"]["first_round_survivor_users"])),
-        ("30% killed: repair time (all found)", lambda r: "never" if r["churn"]["repair_s"] is None
-         else f"{r['churn']['repair_s']:.1f} s"),
-        ("30% killed: success after repair", lambda r: (
-            f"{pct(r['churn']['final_success'])} of {r['churn']['final_checked']:,}")),
-        ("RSS per supernode p50 / max", lambda r: (
-            f"{r['cost']['rss_mb_p50']:.0f} / {r['cost']['rss_mb_max']:.0f} MB")),
-        ("packets sent per DHT node, idle", lambda r: "-" if r["cost"]["idle_packets_per_node_per_s"]
-         is None else f"{r['cost']['idle_packets_per_node_per_s']:.1f}/s"),
-        ("bytes per DHT node, idle / publishing", lambda r: (
-            "-" if r["cost"]["idle_bytes_per_node_per_s"] is None else
-            f"{r['cost']['idle_bytes_per_node_per_s'] / 1000:.1f} / "
-            f"{r['publish']['bytes_per_node_per_s'] / 1000:.0f} kB/s")),
+def _trio(values: dict[str, Any] | None, names: Sequence[str], unit: str = " ms") -> str:
+    if not values:
+        return "-"
+    return " / ".join(_ms(values.get(n)) for n in names) + unit
+
+
+def cells(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """The table's rows for one network size: (figure, value)."""
+    look, far, pres, churn, cost = r["lookup"], r.get("far"), r["presence"], r["churn"], r["cost"]
+    far_seen = pres.get("far")
+    repair = churn["repair_s"]
+    idle_bytes = cost["idle_bytes_per_node_per_s"]
+    trips = "-"
+    if far and far["round_trips_p50"] is not None:
+        trips = f"{far['round_trips_p50']:.1f} / {far['round_trips_p95']:.1f}"
+    return [
+        ("records published (rate)", f"{r['records']:,} ({r['publish']['per_second']:.0f}/s)"),
+        ("lookup success (non-contacts)", _pct(look["success"])),
+        ("lookup latency p50 / p95 / p99", _trio(look, ("ms_p50", "ms_p95", "ms_p99"))),
+        ("packets per lookup (requests + answers)", _ms(look["packets_per_lookup"])),
+        ("far node: lookup success", _pct(far["success"]) if far else "-"),
+        ("far node: first value p50 / p95",
+         _trio(far, ("first_value_ms_p50", "first_value_ms_p95"))),
+        ("far node: round trips to first value p50 / p95", trips),
+        ("far node: lookup() returns p50 / p95 / p99",
+         _trio(far, ("lookup_ms_p50", "lookup_ms_p95", "lookup_ms_p99"))),
+        ("presence change seen by contact p50 / p95",
+         f"{_trio(pres, ('ms_p50', 'ms_p95'))} ({_pct(pres['seen'])} seen)"),
+        ("… by a contact on the far node p50 / p95", "-" if not far_seen else
+         f"{_trio(far_seen, ('ms_p50', 'ms_p95'))} ({_pct(far_seen['seen'])} seen)"),
+        ("30% killed: found in the first round", _pct(churn["first_round_success"])),
+        ("30% killed: survivors' users, first round", _pct(churn["first_round_survivor_users"])),
+        ("30% killed: found 30 s after the kill", _pct(churn["success_at_30s"])),
+        ("30% killed: repair time (all found)", "never" if repair is None else f"{repair:.1f} s"),
+        ("30% killed: success after repair",
+         f"{_pct(churn['final_success'])} of {churn['final_checked']:,}"),
+        ("RSS per supernode process p50 / max",
+         f"{cost['rss_mb_p50']:.0f} / {cost['rss_mb_max']:.0f} MB"),
+        ("packets sent per DHT node, idle", "-" if cost["idle_packets_per_node_per_s"] is None
+         else f"{cost['idle_packets_per_node_per_s']:.2f}/s"),
+        ("bytes sent per DHT node, idle / publishing", "-" if idle_bytes is None else
+         f"{idle_bytes:.0f} B/s / {r['publish']['bytes_per_node_per_s'] / 1000:.0f} kB/s"),
     ]  # fmt: skip
-    lines = ["| figure | " + " | ".join(col(r) for r in results) + " |",
-             "|---|" + "---|" * len(results)]  # fmt: skip
-    for name, cell in rows:
-        lines.append(f"| {name} | " + " | ".join(cell(r) for r in results) + " |")
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    heads = [f"N={r['supernodes']} ({r['supernodes']}×{r['nodes_per_supernode']} DHT nodes)"
+             for r in results]  # fmt: skip
+    columns = [cells(r) for r in results]
+    lines = ["| figure | " + " | ".join(heads) + " |", "|---|" + "---|" * len(results)]
+    for i, (name, _value) in enumerate(columns[0]):
+        lines.append(f"| {name} | " + " | ".join(c[i][1] for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -637,31 +733,67 @@ def _material(path: Path, seed: int) -> None:
                                 "seed": random.Random(seed).randbytes(32).hex()}))  # noqa: S311  # fmt: skip
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--supernodes", default="20,100", help="comma-separated N (processes)")
-    parser.add_argument("--nodes-per-process", type=int, default=0,
-                        help=f"DHT nodes per process (default: enough for {MIN_DHT_NODES})")
+    parser.add_argument(
+        "--nodes-per-process",
+        type=int,
+        default=0,
+        help=f"DHT nodes per process (default: enough for {MIN_DHT_NODES})",
+    )
     parser.add_argument("--records", type=int, default=100_000, help="users published")
     parser.add_argument("--lookups", type=int, default=2000, help="timed lookups")
     parser.add_argument("--parallel", type=int, default=4, help="timed lookups in flight")
     parser.add_argument("--watches", type=int, default=300, help="presence changes watched")
+    parser.add_argument(
+        "--far-watches", type=int, default=50, help="of which watched from the far node"
+    )
     parser.add_argument("--kill", type=float, default=0.3, help="fraction of supernodes killed")
-    parser.add_argument("--probe", type=int, default=2000, help="users probed per repair round")
-    parser.add_argument("--probe-parallel", type=int, default=64)
+    parser.add_argument("--probe", type=int, default=1000, help="users probed per repair round")
+    parser.add_argument("--probe-parallel", type=int, default=50)
     parser.add_argument("--probe-interval", type=float, default=1.0)
-    parser.add_argument("--final-check", type=int, default=10_000,
-                        help="users looked up once repair is done")
-    parser.add_argument("--reattach", type=float, default=3.0,
-                        help="seconds before orphaned clients republish via a survivor")
-    parser.add_argument("--repair-timeout", type=float, default=120.0)
-    parser.add_argument("--delay", type=float, default=25.0,
-                        help="one-way ms of the far node's link (root; 0: no far node)")
-    parser.add_argument("--far-lookups", type=int, default=500,
-                        help="lookups from the far node")
-    parser.add_argument("--no-netns", dest="netns", action="store_false",
-                        help="stay on the host's loopback (no bytes figure, no far node)")
-    parser.add_argument("--chunk", type=int, default=250, help="users per publish request")
+    parser.add_argument(
+        "--final-check", type=int, default=5000, help="users looked up once repair is done"
+    )
+    parser.add_argument(
+        "--reattach",
+        type=float,
+        default=3.0,
+        help="seconds before orphaned clients republish via a survivor",
+    )
+    parser.add_argument(
+        "--repair-timeout",
+        type=float,
+        default=150.0,
+        help="stop probing this long after the kill even if users are missing",
+    )
+    parser.add_argument(
+        "--delay",
+        type=float,
+        default=25.0,
+        help="one-way ms of the far node's link (root; 0: no far node)",
+    )
+    parser.add_argument("--far-lookups", type=int, default=500, help="lookups from the far node")
+    parser.add_argument(
+        "--no-netns",
+        dest="netns",
+        action="store_false",
+        help="stay on the host's loopback (no bytes figure, no far node)",
+    )
+    parser.add_argument("--chunk", type=int, default=50, help="users per publish request")
+    parser.add_argument(
+        "--rehome-rate",
+        type=float,
+        default=400.0,
+        help="records/s republished by re-attaching clients after the kill (0: no limit)",
+    )
+    parser.add_argument(
+        "--publish-rate",
+        type=float,
+        default=250.0,
+        help="records/s of the initial bulk publish, all supernodes together (0: no limit)",
+    )
     parser.add_argument("--put-parallel", type=int, default=32, help="puts in flight per process")
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--settle", type=float, default=3.0)
@@ -670,8 +802,24 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of the quiet window")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", type=Path, help="keep the workers' logs here")
+    parser.add_argument(
+        "--custody-refresh",
+        type=float,
+        default=custody.REFRESH,
+        help="seconds between a supernode's re-puts of a record (custody's own default)",
+    )
+    parser.add_argument(
+        "--custody-first",
+        type=float,
+        default=custody.FIRST_REFRESH,
+        help="seconds from a publish to its first re-put (custody's own default)",
+    )
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = _parser().parse_args()
     if args.netns and os.geteuid() != 0:
         args.netns = False
     if not args.netns:
@@ -695,7 +843,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({"args": vars(args) | {"keep": str(args.keep)}, "results": results}))
         return
-    print(table(results, args))
+    print(table(results))
     print(f"\nrecords {args.records:,}; far node's link {args.delay:g} ms each way; "
           f"{args.lookups} timed lookups ({args.parallel} in flight); {args.watches} watched "
           f"changes; kill {args.kill:.0%} at once, probe {args.probe} users per round")  # fmt: skip

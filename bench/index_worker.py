@@ -21,7 +21,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from punchline.identity import certs, keys
+from punchline.overlay.custody import FIRST_REFRESH, REFRESH, Custody, CustodySchedule
 from punchline.overlay.dht import DhtConfig, DhtIndex, _hash
-from punchline.overlay.index import Listening, presence_key
+from punchline.overlay.index import Listening, device_value_id, presence_key
 from punchline.util import logs
 from punchline.wire import presence
 
@@ -84,6 +85,11 @@ class Worker:
             peers = bootstrap or [(self.host, n.port) for n in self.nodes[:1]]
             self.nodes.append(DhtIndex(DhtConfig(bind_host=self.host, bootstrap=peers,
                                                  unlimited_rate=True)))  # fmt: skip
+        # each DHT node stands for one supernode, with its own custody of its users' records
+        self.custodies = [
+            Custody(node, CustodySchedule(args.custody_refresh, args.custody_first))
+            for node in self.nodes
+        ]
         self.timed: FirstValueRunner | None = None
         if args.probe:
             self.timed = FirstValueRunner(self.nodes[0]._runner)
@@ -121,10 +127,10 @@ class Worker:
 
     def verified(self, user: int, documents: list[dict[str, Any]]) -> list[presence.Presence]:
         valid = []
-        now = time.time()
+        now, name = time.time(), user_name(user)
         for document in documents:
             try:
-                valid.append(presence.verify_untrusted(document, self.ca_cert, now, user_name(user)))
+                valid.append(presence.verify_untrusted(document, self.ca_cert, now, name))
             except presence.PresenceError:
                 self.bad_records += 1
         return presence.freshest(valid)
@@ -134,6 +140,14 @@ class Worker:
         return max((p.seq for p in self.verified(user, documents)), default=None)
 
     # ------------------------------------------------------------------ operations
+
+    async def publish(self, node: int, user: int, document: dict[str, str]) -> None:
+        """What the supernode server does with a client's new record: put it, then keep it."""
+        name = user_name(user)
+        await self.nodes[node].publish(name, DEVICE, document)
+        until = time.time() + RECORD_LIFETIME
+        self.custodies[node].keep(presence_key(name), device_value_id(DEVICE), document, until,
+                                  put_now=False)  # fmt: skip
 
     async def op_publish(self, users: list[int], seq: int, parallel: int) -> dict[str, Any]:
         """Attach `users` here (spread over the local nodes) and publish their records."""
@@ -147,7 +161,7 @@ class Worker:
             document = self.record(user, node, seq, "online")
             async with gate:
                 try:
-                    await self.nodes[node].publish(user_name(user), DEVICE, document)
+                    await self.publish(node, user, document)
                 except Exception:
                     failures += 1
 
@@ -193,7 +207,7 @@ class Worker:
         self.seq[user] = seq
         document = self.record(user, node, seq, status)
         started = time.monotonic()
-        await self.nodes[node].publish(user_name(user), DEVICE, document)
+        await self.publish(node, user, document)
         return {"started": started, "put_ms": (time.monotonic() - started) * 1000}
 
     def op_stats(self) -> dict[str, Any]:
@@ -203,29 +217,37 @@ class Worker:
         for node in self.nodes:
             for name, value in node.counters.items():
                 counters[name] = counters.get(name, 0) + value
+        for custody in self.custodies:
+            for name, value in custody.counters.items():
+                counters["custody_" + name] = counters.get("custody_" + name, 0) + value
         return {"counters": counters,
                 "bad_records": self.bad_records, "attached": len(self.home),
                 "listens": len(self.listens)}  # fmt: skip
 
+    def op_bootstrap(self, peers: list[tuple[str, int]]) -> dict[str, Any]:
+        for node in self.nodes:
+            for host, port in peers:
+                node.bootstrap(host, int(port))
+        return {}
+
     async def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
-        op = request["op"]
-        if op == "publish":
-            return await self.op_publish(request["users"], request["seq"], request["parallel"])
-        if op == "lookup":
-            return await self.op_lookup(request["user"])
-        if op == "watch":
-            return self.op_watch(request["users"])
-        if op == "seen":
-            return self.op_seen(request["users"], request["seq"])
-        if op == "update":
-            return await self.op_update(request["user"], request["seq"], request["status"])
-        if op == "stats":
-            return self.op_stats()
-        if op == "bootstrap":
-            for node in self.nodes:
-                for host, port in request["peers"]:
-                    node.bootstrap(host, int(port))
-            return {}
+        r = request
+        waits: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
+            "publish": lambda: self.op_publish(r["users"], r["seq"], r["parallel"]),
+            "lookup": lambda: self.op_lookup(r["user"]),
+            "update": lambda: self.op_update(r["user"], r["seq"], r["status"]),
+        }
+        at_once: dict[str, Callable[[], dict[str, Any]]] = {
+            "watch": lambda: self.op_watch(r["users"]),
+            "seen": lambda: self.op_seen(r["users"], r["seq"]),
+            "stats": self.op_stats,
+            "bootstrap": lambda: self.op_bootstrap(r["peers"]),
+        }
+        op = r["op"]
+        if op in waits:
+            return await waits[op]()
+        if op in at_once:
+            return at_once[op]()
         raise ValueError(f"unknown op {op!r}")
 
     def send(self, message: dict[str, Any]) -> None:
@@ -245,7 +267,7 @@ class Worker:
         reader = asyncio.StreamReader(limit=1 << 24)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         self.send({"ready": True, "pid": os.getpid(), "ports": [n.port for n in self.nodes]})
-        tasks: set[asyncio.Task[None]] = set()
+        tasks: set[asyncio.Task[None]] = {asyncio.create_task(c.run()) for c in self.custodies}
         while line := await reader.readline():
             request = json.loads(line)
             if request.get("op") == "quit":
@@ -255,6 +277,10 @@ class Worker:
             task.add_done_callback(tasks.discard)
         for listening in self.listens:
             listening.cancel()
+        for custody in self.custodies:
+            custody.close()
+        for task in tasks:
+            task.cancel()
         await asyncio.wait_for(asyncio.gather(*(n.close() for n in self.nodes)), 10)
 
 
@@ -266,11 +292,21 @@ def main() -> None:
     parser.add_argument("--bootstrap", nargs="*", default=[], help="host:port of running nodes")
     parser.add_argument("--bind", default="127.0.0.1", help="address of this process's nodes")
     parser.add_argument("--probe", action="store_true", help="time each lookup's first value")
+    parser.add_argument("--custody-refresh", type=float, default=REFRESH)
+    parser.add_argument("--custody-first", type=float, default=FIRST_REFRESH)
     args = parser.parse_args()
     out_fd = os.dup(1)
     os.dup2(2, 1)  # stray prints (ours, OpenDHT's) go to stderr, never into the protocol
     logs.configure("WARNING")
-    asyncio.run(Worker(args, out_fd).serve())
+    profile_dir = os.environ.get("PUNCHLINE_BENCH_PROFILE")  # where to leave a cProfile dump
+    if not profile_dir:
+        asyncio.run(Worker(args, out_fd).serve())
+        return
+    import cProfile
+
+    with cProfile.Profile() as profile:
+        asyncio.run(Worker(args, out_fd).serve())
+    profile.dump_stats(Path(profile_dir) / f"worker{args.worker:03d}.prof")
 
 
 if __name__ == "__main__":

@@ -502,6 +502,13 @@ def test_a_restart_that_revives_the_stalled_path_in_use_is_reported_without_a_sw
     a.restart(stalled + 0.05)  # (the STUN round trip)
     sim.run(stalled + 0.1)
     b.peer_restarted([Candidate.make("srflx", moved)], sim.now)
+    # b leaves the address a withdrew as soon as the new one answers, not when consent on
+    # the old one runs out (about 4.2 here)
+    sim.run(sim.now + 0.3)
+    assert b.selected is not None
+    assert b.selected.route == ("udp", *moved)
+    assert sim.now < 4.1
+    assert _reasons(sim, "b")[-1] == ("direct", "restart")
     sim.run(sim.now + 2.0)
     assert _reasons(sim, "a") == [("direct", "first path"), ("direct", "restart")]
     assert a.selected is not None

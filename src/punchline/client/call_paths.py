@@ -172,13 +172,16 @@ class CallPaths:
 
     async def _open_relay(self, relay: RelayPath) -> None:
         # after port prediction's mapping: the relay's socket takes a port of the sequence too
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._predicted.wait(), 2.0)
+        self._reopening = True  # (a network change meanwhile must not open a second one)
         try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._predicted.wait(), 2.0)
             await relay.open()
         except PunchlineError as exc:
             log.warning("no relay for this call", reason=str(exc))
             return
+        finally:
+            self._reopening = False
         if self.closed:
             await relay.close()
             return
@@ -334,11 +337,20 @@ class CallPaths:
     # ----------------------------------------------------------------- network changes
 
     def network_changed(self, local: list[Candidate], now: float) -> bool:
-        """The media socket's candidates as they are now (`local`); when they differ from
-        what the call offers, restart: True if it did."""
-        if self.closed or {(c.kind, c.address) for c in local} == {
-            (c.kind, c.address) for c in self._udp_local
-        }:
+        """The media socket's candidates as they are now (`local`); when some the call offers
+        are gone, restart: True if it did. New ones alone (a reflexive address learned after
+        the call started, a port the router mapped late) are only trickled."""
+        offered = {(c.kind, c.address) for c in self._udp_local}
+        current = {(c.kind, c.address) for c in local}
+        if self.closed or current == offered:
+            return False
+        if offered <= current:
+            added = [c for c in local if (c.kind, c.address) not in offered]
+            self._udp_local = list(local)
+            if not self.config.relay_only:
+                for candidate in added:
+                    self.agent.add_local("udp", candidate)
+                self._share(added)
             return False
         gone = sorted({c.address for c in self._udp_local} - {c.address for c in local})
         log.info("our addresses changed mid-call: restarting connectivity",

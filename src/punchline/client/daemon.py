@@ -383,17 +383,22 @@ class Daemon:
         """Our addresses may have changed (new host addresses, a new mapping): make the
         supernode follow us at once, then find the new reflexive address and restart the
         call's connectivity if what it offers changed."""
+        self._follow_move()
+        self._tasks.spawn(self._recheck_network(why))
+
+    def _follow_move(self) -> None:
+        """Our public address changed: the supernode session and a standing relay follow."""
         now = time.time()
+        recent = now - self._network_changed_at < 2.0
         self._network_changed_at = now
         if self.current is not None and isinstance(self.link, DatagramLink):
             # any authenticated packet from the new address moves the supernode's session
             node, session = self.current
             session.send({"t": "ping"}, now)
             self._send_signal_packets(session, node.address, now)
-        if self.relay is not None and self.relay.connection is not None:
+        if not recent and self.relay is not None and self.relay.connection is not None:
             # a standing allocation is bound to the old addresses: its keeper opens a new one
             self._tasks.spawn(self.relay.connection.close())
-        self._tasks.spawn(self._recheck_network(why))
 
     def _path_lost(self) -> None:
         """The call's path in use stopped answering: perhaps our NAT rebound; ask now."""
@@ -407,11 +412,7 @@ class Daemon:
             before = self.media_reflexive
             mapped = await self._ask_reflexive()
             if mapped is not None and before is not None and mapped != before:
-                self._network_changed_at = time.time()
-                if self.current is not None:  # our signalling socket moved too, surely
-                    node, session = self.current
-                    session.send({"t": "ping"}, time.time())
-                    self._send_signal_packets(session, node.address, time.time())
+                self._follow_move()  # (our signalling socket moved too, surely)
             self._restart_call(why)
         finally:
             self._rechecking = False

@@ -246,6 +246,8 @@ class Agent:
         self._selected_at = now
         self._restart_until = 0.0
         self._had_path = False
+        # addresses the peer no longer offers (it moved) that the pair in use still goes to
+        self._withdrawn: set[Address] = set()
         self._counters: Counter[str] = Counter()
         self.closed = False
 
@@ -335,7 +337,10 @@ class Agent:
         no longer offers (but the pair in use: consent decides about that one), add the new
         ones, restart. A call that moves many times never runs into the candidate limit."""
         keep = {c.address for c in candidates}
-        if self.selected is not None:
+        self._withdrawn = set()
+        if self.selected is not None and self.selected.remote.address not in keep:
+            # still in use until something better works, which is anything that works now
+            self._withdrawn.add(self.selected.remote.address)
             keep.add(self.selected.remote.address)
         for remote in list(self._remote):
             if remote.address in keep:
@@ -604,6 +609,8 @@ class Agent:
         current = self.selected
         if current is None or current.state is not PairState.VALID:
             return True
+        if current.remote.address in self._withdrawn:
+            return pair.remote.address not in self._withdrawn
         if current.relayed != pair.relayed:
             return current.relayed
         return pair.priority > current.priority and now - self._selected_at < self.config.settle
@@ -765,10 +772,13 @@ class Agent:
             return []
         guesses = [
             p for p in self._pairs.values()
-            if p.base == "udp" and p.remote.kind in ("mapped", "srflx", "host")
+            if p.base == "udp" and p.remote.kind in ("prflx", "mapped", "srflx", "host")
             and p.state is not PairState.FAILED
         ]  # fmt: skip
-        # public addresses first: a LAN address only helps a peer on the same LAN
+        # A peer-reflexive pair exists once an authenticated check came from it: the peer's
+        # own NAT mapping towards us, the one address that surely reaches a peer behind a
+        # symmetric NAT (the peer connected out: media goes back the way its check came).
+        # Public addresses first: a LAN address only helps a peer on the same LAN.
         guesses.sort(key=lambda p: (not lan_only(p.remote.address[0]), p.priority), reverse=True)
         return [p.route for p in guesses[: self.config.optimistic_routes]]
 
