@@ -20,9 +20,14 @@ presence records (`wire.presence.make`, certificates from a throw-away CA). Then
   private loopback (the bench runs in its own network namespace when root, so every byte on
   its `lo` is the DHT's).
 
-Progress goes to stderr; a table (or one JSON object with --json) to stdout.
+Two cores simulating 300 supernodes hold far fewer puts per second than 300 machines would, so
+the bulk publish (--publish-rate) and the re-attaching clients (--rehome-rate) are paced, and
+custody's re-put schedule can be stretched (--custody-first/--custody-refresh, defaults are
+custody's own) to keep a 100,000-record run out of the overload where everything times out.
+docs/performance.md holds the latest figures. Progress goes to stderr; a table (or one JSON
+object with --json) to stdout.
 
-    .venv/bin/python bench/index.py [--supernodes 20,100] [--records 100000] [--delay 5] [--json]
+    sudo .venv/bin/python bench/index.py [--supernodes 20,100] [--records 100000] [--json]
 """
 
 from __future__ import annotations
