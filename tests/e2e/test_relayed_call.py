@@ -58,7 +58,11 @@ def _relayed_call(net: Network, tmp_path: Path, *relay_flags: str) -> dict[str, 
     recording = tmp_path / "bob.wav"
     bob = net.start_daemon("bob", "--auto-answer", "--record", str(recording), "--relay-only",
                            *relay_flags)  # fmt: skip
-    alice = net.start_daemon("alice", "--relay-only", *relay_flags)
+    try:
+        alice = net.start_daemon("alice", "--relay-only", *relay_flags)
+    except BaseException:
+        bob.stop()  # alice never started: bob's daemon must not outlive the test
+        raise
     try:
         for user in ("alice", "bob"):
             _wait_for_relay(net, user)

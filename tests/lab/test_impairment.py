@@ -34,16 +34,16 @@ def test_delay_and_loss_on_a_site_uplink() -> None:
         lan = lab.add_site("d", "port-restricted", lan_impairment=Impairment(delay_ms=10))
         carrier = lab.add_site("e", "double", carrier_impairment=Impairment(delay_ms=10))
 
-        def rtt(site_host: Host, count: int) -> dict[str, float]:
-            out = lab.run(site_host, [*PROBE, "rtt", "--to", server.ip, "--count", str(count)],
-                          timeout=200)  # fmt: skip
+        def rtt(site_host: Host, count: int, timeout: float = 0.5) -> dict[str, float]:
+            out = lab.run(site_host, [*PROBE, "rtt", "--to", server.ip, "--count", str(count),
+                                      "--timeout", str(timeout)], timeout=200)  # fmt: skip
             result: dict[str, float] = json.loads(out)
             return result
 
         delayed = rtt(slow.host, 30)
         assert 49.0 <= delayed["p50_ms"] <= 60.0, delayed  # 25 ms each way
         assert delayed["lost"] == 0
-        dropped = rtt(lossy.host, 200)
+        dropped = rtt(lossy.host, 200, timeout=0.1)  # an undelayed round trip takes < 5 ms
         assert 40 <= dropped["lost"] <= 105, dropped  # 1 - 0.8^2 = 36 % of round trips
         assert rtt(clean.host, 30)["p50_ms"] < 5.0
         for impaired in (lan, carrier):  # 10 ms each way on the host's or the carrier's link

@@ -148,10 +148,11 @@ def _collect(sock: socket.socket, seconds: float) -> list[str]:
     return got
 
 
-def _rtt(target: str, count: int) -> None:
-    """Round trips to an echo server, one at a time: median, minimum, lost."""
+def _rtt(target: str, count: int, timeout: float = 0.5) -> None:
+    """Round trips to an echo server, one at a time: median, minimum, lost (no answer within
+    `timeout` seconds; a short one keeps a lossy link's measurement quick)."""
     sock = _udp()
-    sock.settimeout(0.5)
+    sock.settimeout(timeout)
     rtts, lost = [], 0
     for number in range(count):
         started = time.monotonic()
@@ -233,6 +234,7 @@ def main() -> None:
     rtt = sub.add_parser("rtt")
     rtt.add_argument("--to", required=True)
     rtt.add_argument("--count", type=int, default=50)
+    rtt.add_argument("--timeout", type=float, default=0.5, help="seconds before a probe is lost")
     listen = sub.add_parser("listen")
     listen.add_argument("--p1", required=True)
     listen.add_argument("--seconds", type=float, default=2.0)
@@ -245,7 +247,7 @@ def main() -> None:
     elif args.command == "send":
         _send(args.to, args.port, args.from_port)
     elif args.command == "rtt":
-        _rtt(args.to, args.count)
+        _rtt(args.to, args.count, args.timeout)
     elif args.command == "listen":
         _listen(args.p1, args.seconds)
     elif args.command == "lifetimes":

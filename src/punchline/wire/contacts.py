@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from punchline.errors import RemoteError, SecurityError
-from punchline.identity import certs, signed
-from punchline.util.jsontext import loads_object_untrusted, loads_untrusted
+from punchline.identity import certified, certs, signed
+from punchline.util.jsontext import loads_object_untrusted
 
 LIST_CONTEXT = "contacts"
 REQUEST_CONTEXT = "contact-request"
@@ -186,22 +186,24 @@ def _verified(
     document: object, ca: x509.Certificate, now: float, context: str
 ) -> tuple[dict[str, Any], certs.CertInfo, float]:
     """Payload, signer and signing time of a signed document carrying its user certificate."""
-    if not isinstance(document, dict) or not isinstance(document.get("payload"), str):
-        raise ContactDocumentError("not a signed document")
-    try:
-        claimed = loads_untrusted(document["payload"])
-        if not isinstance(claimed, dict):
-            raise ContactDocumentError("document payload must be an object")
+    times: list[float] = []
+
+    def signing_time(claimed: dict[str, Any]) -> float:
+        # Checked at signing time: a request or list outlives the day-long certificate that
+        # signed it (its device may stay offline for weeks); later ones carry renewed ones.
         signed_at = _time(claimed.get("signed_at"), "signing time")
         if signed_at > now + CLOCK_SKEW:
             raise ContactDocumentError("document claims to be signed in the future")
-        cert = certs.load_untrusted(_unb64(claimed.get("cert")))
-        # Checked at signing time: a request or list outlives the day-long certificate that
-        # signed it (its device may stay offline for weeks); later ones carry renewed ones.
-        info = certs.verify(cert, ca, signed_at, certs.Role.USER)
-        payload = signed.open_document_untrusted(info.public_key, context, document)
-    except (ValueError, binascii.Error, certs.CertificateError, signed.BadSignature) as exc:
+        times.append(signed_at)
+        return signed_at
+
+    try:
+        opened = certified.open_certified(document, ca, context, signing_time)
+    except certified.NotADocument as exc:
+        raise ContactDocumentError(str(exc)) from exc
+    except certified.Rejected as exc:
         raise ForgedDocument(f"document rejected: {exc}") from exc
+    payload, info, signed_at = opened.payload, opened.signer, times[0]
     if payload.get("v") != 1:
         raise ContactDocumentError("unknown document version")
     return payload, info, signed_at

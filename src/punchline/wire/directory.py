@@ -18,7 +18,6 @@ once instead of when they expire.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import math
 import unicodedata
@@ -30,8 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from punchline.errors import LocalError, RemoteError
-from punchline.identity import certs, signed
-from punchline.util.jsontext import loads_untrusted
+from punchline.identity import certified, signed
 
 CONTEXT = "directory"
 KEY_PREFIX = "dir/"
@@ -165,19 +163,15 @@ def make(
 
 def verify_untrusted(document: object, ca: x509.Certificate, now: float) -> Entry:
     """Check an entry end to end; only `DirectoryError` escapes."""
-    if not isinstance(document, dict) or not isinstance(document.get("payload"), str):
-        raise DirectoryError("directory entry must be a signed document")
     try:
-        claimed = loads_untrusted(document["payload"])
-        if not isinstance(claimed, dict):
-            raise DirectoryError("directory payload must be an object")
-        der = base64.b64decode(str(claimed.get("cert")), validate=True)
-        info = certs.verify(certs.load_untrusted(der), ca, now, certs.Role.USER)
-        payload = signed.open_document_untrusted(info.public_key, CONTEXT, document)
-    except certs.CertificateExpired as exc:
-        raise DirectoryError(f"directory entry has expired: {exc}") from exc
-    except (ValueError, binascii.Error, certs.CertificateError, signed.BadSignature) as exc:
+        opened = certified.open_certified(document, ca, CONTEXT, lambda _claimed: now)
+    except certified.NotADocument as exc:
+        raise DirectoryError(f"directory entry: {exc}") from exc
+    except certified.Rejected as exc:
+        if exc.expired:
+            raise DirectoryError(f"directory entry has expired: {exc}") from exc
         raise ForgedEntry(f"directory entry rejected: {exc}") from exc
+    payload, info = opened.payload, opened.signer
     user, display, listed = payload.get("user"), payload.get("display"), payload.get("listed")
     seq, expires = payload.get("seq"), payload.get("expires")
     if payload.get("v") != 1:

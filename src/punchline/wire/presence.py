@@ -14,7 +14,6 @@ found, offline, with the time they were last seen.
 from __future__ import annotations
 
 import base64
-import binascii
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from punchline.errors import RemoteError
-from punchline.identity import certs, signed
-from punchline.util.jsontext import loads_untrusted
+from punchline.identity import certified, signed
 
 CONTEXT = "presence"
 STATUSES = frozenset({"online", "away", "busy", "offline"})
@@ -104,18 +102,13 @@ def verify_untrusted(
     record: object, ca_cert: x509.Certificate, now: float, user: str | None = None
 ) -> Presence:
     """Check a record end to end; only `PresenceError` escapes."""
-    if not isinstance(record, dict) or not isinstance(record.get("payload"), str):
-        raise PresenceError("presence record must be a signed document")
     try:
-        claimed = loads_untrusted(record["payload"])
-        if not isinstance(claimed, dict):
-            raise PresenceError("presence payload must be an object")
-        der = base64.b64decode(str(claimed.get("cert")), validate=True)
-        cert = certs.load_untrusted(der)
-        info = certs.verify(cert, ca_cert, _signed_at(claimed, now), certs.Role.USER)
-        payload = signed.open_document_untrusted(info.public_key, CONTEXT, record)
-    except (ValueError, binascii.Error, certs.CertificateError, signed.BadSignature) as exc:
+        opened = certified.open_certified(record, ca_cert, CONTEXT, lambda c: _signed_at(c, now))
+    except certified.NotADocument as exc:
+        raise PresenceError(f"presence record: {exc}") from exc
+    except certified.Rejected as exc:
         raise PresenceError(f"presence record rejected: {exc}") from exc
+    payload, info, der = opened.payload, opened.signer, opened.certificate_der
     name, device, supernode = payload.get("user"), payload.get("device"), payload.get("supernode")
     status, seq, expires = payload.get("status"), payload.get("seq"), payload.get("expires")
     if not (isinstance(name, str) and isinstance(device, str) and 0 < len(device) <= 64):
