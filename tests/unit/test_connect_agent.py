@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from punchline.connect.agent import (
     Agent,
@@ -129,6 +131,18 @@ def pair_of_agents(sim: Sim, config: AgentConfig | None = None) -> tuple[Agent, 
     return a, b
 
 
+def keyed_agents(
+    setup: Callable[[Sim, Agent, Agent], None], config: AgentConfig | None = None
+) -> tuple[Sim, Agent, Agent]:
+    """Two agents on a simulated network laid out by `setup`, keys exchanged at time 0."""
+    sim = Sim()
+    a, b = pair_of_agents(sim, config)
+    setup(sim, a, b)
+    a.set_keys(KEYS_A, 0.0)
+    b.set_keys(KEYS_B, 0.0)
+    return sim, a, b
+
+
 def nat_pair(sim: Sim, a: Agent, b: Agent, restricted: bool = True) -> None:
     sim.base("a", "udp", ("198.51.100.1", 4000), restricted)
     sim.base("b", "udp", ("198.51.100.2", 5000), restricted)
@@ -139,11 +153,7 @@ def nat_pair(sim: Sim, a: Agent, b: Agent, restricted: bool = True) -> None:
 
 
 def test_port_restricted_nats_punch_a_direct_path_within_a_few_round_trips() -> None:
-    sim = Sim()
-    a, b = pair_of_agents(sim)
-    nat_pair(sim, a, b)
-    a.set_keys(KEYS_A, 0.0)
-    b.set_keys(KEYS_B, 0.0)
+    sim, a, b = keyed_agents(nat_pair)
     sim.run(1.0)
     assert a.selected is not None
     assert b.selected is not None
@@ -198,11 +208,7 @@ def test_media_starts_on_the_relay_and_upgrades_to_direct_when_punching_succeeds
 
 
 def test_a_dead_direct_path_fails_over_to_the_relay_within_two_seconds() -> None:
-    sim = Sim()
-    a, b = pair_of_agents(sim)
-    relay_and_direct(sim, a, b)
-    a.set_keys(KEYS_A, 0.0)
-    b.set_keys(KEYS_B, 0.0)
+    sim, a, b = keyed_agents(relay_and_direct)
     sim.run(3.0)
     assert a.selected is not None
     assert a.selected.base == "udp"
@@ -222,11 +228,7 @@ def test_a_dead_direct_path_fails_over_to_the_relay_within_two_seconds() -> None
 
 
 def test_forged_and_replayed_checks_are_counted_and_never_answered() -> None:
-    sim = Sim()
-    a, b = pair_of_agents(sim)
-    nat_pair(sim, a, b, restricted=False)
-    a.set_keys(KEYS_A, 0.0)
-    b.set_keys(KEYS_B, 0.0)
+    sim, a, b = keyed_agents(partial(nat_pair, restricted=False))
     sim.run(0.5)
     b.transmit()
     attacker = Agent(False, 0.0)
@@ -254,11 +256,7 @@ def test_forged_and_replayed_checks_are_counted_and_never_answered() -> None:
 
 def test_answers_are_never_larger_than_the_check_and_a_flood_is_rate_limited() -> None:
     config = AgentConfig(answer_rate=50.0)
-    sim = Sim()
-    a, b = pair_of_agents(sim, config)
-    nat_pair(sim, a, b, restricted=False)
-    a.set_keys(KEYS_A, 0.0)
-    b.set_keys(KEYS_B, 0.0)
+    sim, a, b = keyed_agents(partial(nat_pair, restricted=False), config)
     sim.run(0.5)
     a.transmit()
     checks = []
@@ -354,11 +352,7 @@ def test_after_a_nat_rebinding_a_restart_brings_the_direct_path_back_within_a_ro
     from there, and nothing reaches the old port: consent fails over to the relay. A learns
     its new address (STUN, in the daemon) and restarts; B hears of it through signalling and
     restarts too, its checks open B's NAT towards A's new port, and the direct path is back."""
-    sim = Sim()
-    a, b = pair_of_agents(sim)
-    relay_and_direct(sim, a, b)
-    a.set_keys(KEYS_A, 0.0)
-    b.set_keys(KEYS_B, 0.0)
+    sim, a, b = keyed_agents(relay_and_direct)
     sim.run(3.0)
     assert a.selected is not None
     assert a.selected.base == "udp"
@@ -396,11 +390,7 @@ def test_a_host_that_moves_networks_comes_back_on_a_new_relay_allocation_and_dir
     """The laptop joins another network: new host address, new NAT, and its relay allocation
     (bound to the old addresses) is dead. It re-allocates and rebases the relay; the new
     allocation lets B's addresses in again, and the call comes back, direct."""
-    sim = Sim()
-    a, b = pair_of_agents(sim)
-    relay_and_direct(sim, a, b)
-    a.set_keys(KEYS_A, 0.0)
-    b.set_keys(KEYS_B, 0.0)
+    sim, a, b = keyed_agents(relay_and_direct)
     sim.run(3.0)
     a.events()
     moved = ("192.0.2.50", 6000)
@@ -434,11 +424,7 @@ def test_a_host_that_moves_networks_comes_back_on_a_new_relay_allocation_and_dir
 
 
 def test_a_restart_that_changed_nothing_keeps_the_path_without_a_gap() -> None:
-    sim = Sim()
-    a, b = pair_of_agents(sim)
-    relay_and_direct(sim, a, b)
-    a.set_keys(KEYS_A, 0.0)
-    b.set_keys(KEYS_B, 0.0)
+    sim, a, b = keyed_agents(relay_and_direct)
     sim.run(3.0)
     before = _reasons(sim, "a")
     selected = a.selected
@@ -488,11 +474,7 @@ def test_an_announced_address_first_seen_as_peer_reflexive_is_tried_from_every_b
 def test_a_restart_that_revives_the_stalled_path_in_use_is_reported_without_a_switch() -> None:
     """A rebinding noticed quickly (the path stalled, STUN showed a new mapping): both sides
     restart before consent runs out, and the pair in use answers again, no failover."""
-    sim = Sim()
-    a, b = pair_of_agents(sim)
-    relay_and_direct(sim, a, b)
-    a.set_keys(KEYS_A, 0.0)
-    b.set_keys(KEYS_B, 0.0)
+    sim, a, b = keyed_agents(relay_and_direct)
     sim.run(3.0)
     moved = ("198.51.100.1", 4444)
     sim.rebind("a", "udp", moved)
