@@ -39,6 +39,7 @@ class Certified:
     payload: dict[str, Any]  # what the signature covers
     signer: certs.CertInfo
     certificate_der: bytes
+    checked_at: float  # when the certificate was found valid (what `checked_at` returned)
 
 
 def open_certified(
@@ -67,4 +68,4 @@ def open_certified(
         raise Rejected(str(exc), expired=True) from exc
     except (ValueError, binascii.Error, certs.CertificateError, signed.BadSignature) as exc:
         raise Rejected(str(exc)) from exc
-    return Certified(payload, info, der)
+    return Certified(payload, info, der, at)

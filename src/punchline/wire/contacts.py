@@ -186,7 +186,6 @@ def _verified(
     document: object, ca: x509.Certificate, now: float, context: str
 ) -> tuple[dict[str, Any], certs.CertInfo, float]:
     """Payload, signer and signing time of a signed document carrying its user certificate."""
-    times: list[float] = []
 
     def signing_time(claimed: dict[str, Any]) -> float:
         # Checked at signing time: a request or list outlives the day-long certificate that
@@ -194,7 +193,6 @@ def _verified(
         signed_at = _time(claimed.get("signed_at"), "signing time")
         if signed_at > now + CLOCK_SKEW:
             raise ContactDocumentError("document claims to be signed in the future")
-        times.append(signed_at)
         return signed_at
 
     try:
@@ -203,7 +201,7 @@ def _verified(
         raise ContactDocumentError(str(exc)) from exc
     except certified.Rejected as exc:
         raise ForgedDocument(f"document rejected: {exc}") from exc
-    payload, info, signed_at = opened.payload, opened.signer, times[0]
+    payload, info, signed_at = opened.payload, opened.signer, opened.checked_at
     if payload.get("v") != 1:
         raise ContactDocumentError("unknown document version")
     return payload, info, signed_at
